@@ -1,0 +1,234 @@
+"""Harmonizing Attention's five stages as ComfyUI nodes: schema, checks, one call each.
+
+Node IDs are workflow identity: never rename one.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from comfy_api.latest import io
+
+from ..attention import color, edit
+from ..attention.roles import GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES
+from . import pipeline, validate
+from .pipeline import Inverted, Scene
+
+CATEGORY = "harmonizing_attention/geometry_transfer"
+SceneType = io.Custom("HA_SCENE")
+InvertedType = io.Custom("HA_INVERTED")
+
+COLOR_MODES = ("mean_shift", "none", "histogram")
+
+
+class GeometryImageEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HA_GeometryImageEdit",
+            display_name="Geometry Image Edit (Harmonizing Attention)",
+            category=CATEGORY,
+            description="Crops the source by its mask, moves it with shift / scale / rotation onto the target "
+                        "canvas, and pastes it there: the geometry image and mask M_geo = T(M_src).",
+            inputs=[
+                io.Image.Input("source", tooltip="The image holding the geometry to transfer (holes, cracks, drops...)."),
+                io.Mask.Input("source_mask", tooltip="1 on the geometry to transfer; binarised at 0.5. Same size as source."),
+                io.Image.Input("target", tooltip="The image that receives the geometry and keeps its own texture."),
+                io.Float.Input("shift_x", default=0.0, min=-16384.0, max=16384.0, step=1.0,
+                               tooltip="Target pixels, + right. 0 keeps the mask's relative position on the target."),
+                io.Float.Input("shift_y", default=0.0, min=-16384.0, max=16384.0, step=1.0,
+                               tooltip="Target pixels, + down."),
+                io.Float.Input("scale", default=1.0, min=0.05, max=8.0, step=0.01,
+                               tooltip="Uniform scale about the centre of the mask's bounding box."),
+                io.Float.Input("rotation", default=0.0, min=-360.0, max=360.0, step=0.5,
+                               tooltip="Degrees, counter-clockwise, about the centre of the mask's bounding box."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="geometry", tooltip="The moved source patch pasted on the target (for preview)."),
+                io.Mask.Output(display_name="geometry_mask", tooltip="M_geo: the moved source mask on the target canvas."),
+                SceneType.Output(display_name="scene", tooltip="Everything the later stages need, kept consistent."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, source, source_mask, target, shift_x, shift_y, scale, rotation) -> io.NodeOutput:
+        validate.image("source", source)
+        validate.image("target", target)
+        validate.mask("source_mask", source_mask)
+        validate.same_size("source_mask", source_mask, "source", source,
+                           "resize the mask to the image (e.g. with ImageScale / a mask resize node)")
+        validate.batches("source_mask", source_mask.shape[0], "source", source.shape[0])
+        validate.batches("source", source.shape[0], "target", target.shape[0])
+        source, target = source[..., :3], target[..., :3]
+        if source_mask.shape[0] != source.shape[0]:
+            n = max(source_mask.shape[0], source.shape[0])
+            source, source_mask = source.expand(n, -1, -1, -1), source_mask.expand(n, -1, -1)
+        placement = edit.Placement(shift_x=shift_x, shift_y=shift_y, scale=scale, rotation=rotation)
+        geometry, geometry_mask = edit.place_source(source, source_mask, target, placement)
+        pairs = geometry.shape[0]
+        scene = Scene(
+            source=source, source_mask=edit.binarize(source_mask),
+            target=target.expand(pairs, -1, -1, -1) if target.shape[0] != pairs else target,
+            geometry=geometry, geometry_mask=geometry_mask,
+        )
+        return io.NodeOutput(geometry, geometry_mask, scene)
+
+
+class ColorShift(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HA_ColorShift",
+            display_name="Color Shift (Harmonizing Attention)",
+            category=CATEGORY,
+            description="Eq. 1: p_geo = p + a * M_geo * (c_tar - c_src), c_src / c_tar the mean colours on rings "
+                        "around the source mask and around M_geo. Moves the patch's colour towards the target "
+                        "while keeping the colour differences that draw its geometry.",
+            inputs=[
+                SceneType.Input("scene"),
+                io.Combo.Input("mode", options=list(COLOR_MODES), default="mean_shift",
+                               tooltip="mean_shift: eq. 1 (paper). none: no adjustment (a = 0). histogram: match "
+                                       "the patch's per-channel histogram to the target ring (the paper's ablation)."),
+                io.Float.Input("strength", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="a in eq. 1: 0 keeps the source colour, 1 moves its mean fully to the target's. "
+                                       "Paper: 0.5."),
+                io.Int.Input("ring_width", default=8, min=1, max=256,
+                             tooltip="Width in pixels of the rings dilate(M) - M whose mean colours are compared."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="geometry", tooltip="The colour-shifted geometry image (for preview)."),
+                SceneType.Output(display_name="scene"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, scene: Scene, mode, strength, ring_width) -> io.NodeOutput:
+        if mode not in COLOR_MODES:
+            raise ValueError(f"colour mode {mode!r}: choose one of {COLOR_MODES}")
+        if mode == "mean_shift":
+            geometry = color.mean_shift(scene.geometry, scene.geometry_mask, scene.source, scene.source_mask,
+                                        scene.target, strength, ring_width)
+        elif mode == "histogram":
+            geometry = color.histogram_match(scene.geometry, scene.geometry_mask, scene.target, ring_width)
+        else:
+            geometry = scene.geometry
+        return io.NodeOutput(geometry, replace(scene, geometry=geometry))
+
+
+class TextureAligningInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HA_TextureAligningInversion",
+            display_name="Texture-aligning Inversion (Harmonizing Attention)",
+            category=CATEGORY,
+            description="DDIM inversion with ReNoise of the source, target and geometry images in one batch. "
+                        "The geometry rows use Texture-aligning Attention (eq. 3): their queries also attend "
+                        "to the target's keys and values, pulling the patch into the target's texture.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet; the paper uses SD1.5 inpainting."),
+                io.Vae.Input("vae"),
+                io.Conditioning.Input("conditioning",
+                                      tooltip="The prompt's conditioning (paper: empty prompt), straight from "
+                                              "CLIPTextEncode. Inpainting inputs are added per row by this node."),
+                SceneType.Input("scene"),
+                io.Int.Input("steps", default=25, min=1, max=1000, tooltip="DDIM steps (paper: 25). The sampler reuses them."),
+                io.Int.Input("renoise_iterations", default=5, min=1, max=50,
+                             tooltip="Model evaluations per inversion step (paper: 5). 1 is plain DDIM inversion; "
+                                     "more refine each step towards its implicit fixed point (ReNoise)."),
+                io.Int.Input("renoise_average", default=1, min=1, max=50,
+                             tooltip="Average the noise estimates of this many last iterations (1: no averaging)."),
+                io.Combo.Input("attention", options=list(TEXTURE_ALIGNING_MODES), default="texture_aligning",
+                               tooltip="texture_aligning: [K_geo; K_tar] (eq. 3). geometry_only: plain self-attention. "
+                                       "target_only: K_tar only (the paper's ablation 4.6.2)."),
+            ],
+            outputs=[InvertedType.Output(display_name="inverted", tooltip="Inverted latents with their schedule and masks.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, steps, renoise_iterations, renoise_average, **kwargs):
+        if renoise_average > renoise_iterations:
+            return (f"renoise_average is {renoise_average} but renoise_iterations is {renoise_iterations}: "
+                    "it averages among the iterations, so set it to at most renoise_iterations")
+        return True
+
+    @classmethod
+    def execute(cls, model, vae, conditioning, scene: Scene, steps, renoise_iterations, renoise_average,
+                attention) -> io.NodeOutput:
+        validate.unet(model)
+        validate.inpaint_conditioning_free(conditioning, "HA_TextureAligningInversion")
+        validate.same_size("source", scene.source, "target", scene.target,
+                           "source and target are inverted in one batch: scale the source to the target's size "
+                           "(ImageScale) before HA_GeometryImageEdit")
+        validate.latent_size("target", scene.target)
+        if renoise_average > renoise_iterations:
+            raise ValueError(f"renoise_average {renoise_average} > renoise_iterations {renoise_iterations}")
+        return io.NodeOutput(pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations,
+                                             renoise_average, attention))
+
+
+class LatentBlend(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HA_LatentBlend",
+            display_name="Latent Blend (Harmonizing Attention)",
+            category=CATEGORY,
+            description="Eq. 4: z_out = z_geo * m_geo + z_tar * (1 - m_geo), m_geo the geometry mask at latent size.",
+            inputs=[
+                InvertedType.Input("inverted"),
+                io.Float.Input("feather", default=0.0, min=0.0, max=16.0, step=0.1,
+                               tooltip="0: binary mask (paper). Otherwise the Gaussian blur (latent pixels) of its edge."),
+            ],
+            outputs=[InvertedType.Output(display_name="inverted", tooltip="The same, with the blended starting latent z_T^out.")],
+        )
+
+    @classmethod
+    def execute(cls, inverted: Inverted, feather) -> io.NodeOutput:
+        return io.NodeOutput(pipeline.blend_latents(inverted, feather))
+
+
+class GeometryPreservingSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HA_GeometryPreservingSampler",
+            display_name="Geometry-preserving Sampler (Harmonizing Attention)",
+            category=CATEGORY,
+            description="DDIM over the inversion's schedule, denoising the blended latent together with the "
+                        "source. The output rows use Geometry-preserving Attention (eqs. 5-7): they also attend "
+                        "to the source's tokens inside the source mask, so the geometry survives denoising.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the inversion used."),
+                io.Conditioning.Input("positive", tooltip="Paper: the empty prompt, as for the inversion."),
+                io.Conditioning.Input("negative", tooltip="Used only when cfg != 1."),
+                InvertedType.Input("inverted", tooltip="From HA_LatentBlend."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance. 1 (paper): the negative prompt is not evaluated."),
+                io.Combo.Input("attention", options=list(GEOMETRY_PRESERVING_MODES), default="geometry_preserving",
+                               tooltip="geometry_preserving: [K_out; K_src inside M_src] (eq. 5). self_only: plain "
+                                       "self-attention. source_only: K_src inside M_src only (ablation 4.6.3)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip="The composites, one per pair: connect to VAEDecode."),
+                io.Latent.Output(display_name="source_reconstruction",
+                                 tooltip="The source row after inversion and generation: a check of inversion quality."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, inverted: Inverted, cfg, attention) -> io.NodeOutput:
+        validate.unet(model)
+        validate.inpaint_conditioning_free(positive, "HA_GeometryPreservingSampler")
+        validate.inpaint_conditioning_free(negative, "HA_GeometryPreservingSampler")
+        if inverted.blended is None:
+            raise ValueError("the inverted latents have not been blended: connect HA_LatentBlend between "
+                             "HA_TextureAligningInversion and HA_GeometryPreservingSampler")
+        family = pipeline.model_family(model)
+        if family != inverted.model_family:
+            raise ValueError(f"the latents were inverted with a {inverted.model_family} model but this sampler has a "
+                             f"{family} model: connect the same MODEL to both nodes")
+        out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention)
+        return io.NodeOutput({"samples": out}, {"samples": src})
+
+
+NODES = [GeometryImageEdit, ColorShift, TextureAligningInversion, LatentBlend, GeometryPreservingSampler]

@@ -1,0 +1,111 @@
+"""The one module that knows ComfyUI's attention patch API.
+
+`apply_plan` clones a ModelPatcher and installs, on every self-attention (attn1) block of the UNet,
+a replace patch that consults a `RowPlan`: which batch row attends to which rows' keys/values.
+Blocks are discovered from the loaded model (no SD1.5 block list), so any UNet built from
+ComfyUI's SpatialTransformer (SD1.x, SD2.x, SDXL) is covered.
+
+Chaining: a replace patch already registered for a block (by another node, under ComfyUI's
+(stage, id, index) or (stage, id) key) is wrapped, not overwritten: it still computes the
+attention of the whole batch, and only the rows our plan redirects are recomputed. A patch that
+another node installs for one pass only (PerturbedAttentionGuidance's perturbed pass, under the
+(stage, id) key) takes over that pass, as it intends.
+"""
+from __future__ import annotations
+
+import torch
+
+from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
+
+from ..attention.kv import Ref, Refs, shared_attention
+from ..attention.roles import Layer, RowPlan
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def self_attention_blocks(model) -> list[tuple[str, int, int]]:
+    """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them."""
+    unet = model.get_model_object("diffusion_model")
+    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
+        family = type(model.model).__name__
+        raise UnsupportedModel(
+            f"this model is a {family} ({type(unet).__name__}), not a UNet: Harmonizing Attention patches "
+            "the self-attention of SD1.x / SD2.x / SDXL UNets. Load one of those checkpoints."
+        )
+    keys = []
+    for stage, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
+        for block_id, block in enumerate(blocks):
+            for layer in block:
+                if isinstance(layer, SpatialTransformer):
+                    keys += [(stage, block_id, i) for i in range(len(layer.transformer_blocks))]
+    if not keys:
+        raise UnsupportedModel(f"no self-attention block found in {type(unet).__name__}: nothing to patch")
+    return keys
+
+
+def is_inpainting(model) -> bool:
+    return tuple(getattr(model.model, "concat_keys", ())) == ("mask", "masked_image")
+
+
+def _shift(refs: Refs, offset: int) -> Refs:
+    return None if refs is None else tuple(Ref(r.row + offset, r.region_only) for r in refs)
+
+
+def _step(extra_options) -> float | None:
+    """Position of the current sigma in the schedule being sampled, 0 .. 1 (exclusive)."""
+    sigmas, schedule = extra_options.get("sigmas"), extra_options.get("sample_sigmas")
+    if sigmas is None or schedule is None or len(schedule) < 2:
+        return None
+    index = int(torch.argmin((schedule.to(sigmas.device) - sigmas.max()).abs()))
+    return min(index, len(schedule) - 2) / (len(schedule) - 1)
+
+
+def _make_replace(plan: RowPlan, previous=None):
+    def attn1_replace(q, k, v, extra_options):
+        chunks = len(extra_options.get("cond_or_uncond", [0]))
+        rows, rest = divmod(q.shape[0], chunks)
+        if rest or rows != plan.rows:
+            raise RuntimeError(
+                f"Harmonizing Attention expected {plan.rows} latent rows per conditioning chunk, got a "
+                f"self-attention batch of {q.shape[0]} rows in {chunks} chunk(s). A node between ours and "
+                "the sampler changed the batch (e.g. a batch split or repeat): sample with the pack's own nodes."
+            )
+        h, w = extra_options["activations_shape"][-2:]
+        layer = Layer(
+            stage=extra_options["block"][0],
+            downscale=max(1, round(extra_options["original_shape"][-1] / w)),
+            step=_step(extra_options) if plan.needs_step else None,
+        )
+        rules = list(plan.rules(layer))
+        rules = [_shift(rules[j], c * rows) for c in range(chunks) for j in range(rows)]
+        tokens = plan.region_tokens(h, w)
+        regions = {c * rows + j: t.to(q.device) for c in range(chunks) for j, t in tokens.items()}
+
+        heads = extra_options["n_heads"]
+
+        def kernel(q_, k_, v_):
+            return optimized_attention(q_, k_, v_, heads, attn_precision=extra_options.get("attn_precision"),
+                                       transformer_options=extra_options)
+
+        base = previous(q, k, v, extra_options) if previous is not None else None
+        return shared_attention(q, k, v, rules, kernel, regions, ref_kernel=plan.ref_kernel(heads), base=base)
+
+    return attn1_replace
+
+
+def apply_plan(model, plan: RowPlan):
+    """A clone of `model` whose self-attention follows `plan`; `model` itself is left untouched."""
+    blocks = self_attention_blocks(model)
+    patched = model.clone()
+    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
+    done = set()
+    for stage, block_id, index in blocks:
+        if (stage, block_id, index) in existing:
+            patched.set_model_attn1_replace(_make_replace(plan, existing[(stage, block_id, index)]),
+                                            stage, block_id, index)
+        elif (stage, block_id) not in done:
+            patched.set_model_attn1_replace(_make_replace(plan, existing.get((stage, block_id))), stage, block_id)
+            done.add((stage, block_id))
+    return patched

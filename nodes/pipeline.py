@@ -1,0 +1,172 @@
+"""Geometry transfer on a ComfyUI model: the artifacts that flow between the nodes, and the calls
+that encode, invert and generate through ComfyUI's own sampler machinery (conditioning, inpainting
+concat, latent scaling, CFG, wrappers and hooks all stay ComfyUI's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import node_helpers
+
+from ..attention import inversion
+from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, texture_aligning_rules
+from ..attention.tokens import blend, latent_mask
+from .patch import apply_plan, is_inpainting
+
+SCHEDULER = "ddim_uniform"  # DDIM's timesteps; the sampler below is DDIM itself (eta = 0)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """HA_SCENE: the images and masks of one geometry transfer (batches: sources S, pairs P)."""
+
+    source: torch.Tensor  # [S, H, W, 3]
+    source_mask: torch.Tensor  # [S, H, W], binary
+    target: torch.Tensor  # [P, H, W, 3]
+    geometry: torch.Tensor  # [P, H, W, 3], the transformed source pasted on the target
+    geometry_mask: torch.Tensor  # [P, H, W], binary: M_geo = T(M_src)
+
+    @property
+    def layout(self) -> PairLayout:
+        return PairLayout(self.source.shape[0], self.geometry.shape[0])
+
+
+@dataclass(frozen=True)
+class Inverted:
+    """HA_INVERTED: inverted latents together with the schedule and masks they belong to.
+
+    latents are in the LATENT (VAE) space ComfyUI nodes exchange, rows laid out as PairLayout's
+    inversion rows. `blended` is eq. 4's z_T^out, set by HA_LatentBlend.
+    """
+
+    scene: Scene
+    latents: torch.Tensor  # [S + 2P, C, h, w] at sigmas[0]
+    sigmas: torch.Tensor  # the generation schedule, descending, ending at 0
+    model_family: str
+    inpaint_latents: Optional[torch.Tensor]  # [S + 2P, C, h, w] masked images, for inpainting models
+    blended: Optional[torch.Tensor] = None  # [P, C, h, w]
+    blend_mask: Optional[torch.Tensor] = None  # [P, 1, h, w]
+
+    @property
+    def layout(self) -> PairLayout:
+        return self.scene.layout
+
+
+def model_family(model) -> str:
+    inner = model.model
+    return f"{type(inner).__name__}/{type(inner.latent_format).__name__}/{'inpaint' if is_inpainting(model) else 'plain'}"
+
+
+def schedule(model, steps: int) -> torch.Tensor:
+    """The descending DDIM schedule (sigmas, last one 0) of `steps` steps for this model."""
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), SCHEDULER, steps).cpu()
+
+
+def _row_masks(scene: Scene, rows: str) -> torch.Tensor:
+    """Region masks in row order: src rows M_src; target, geometry and output rows M_geo."""
+    layout = scene.layout
+    if rows == "inversion":
+        return torch.cat([scene.source_mask, scene.geometry_mask, scene.geometry_mask])
+    return torch.cat([scene.source_mask, scene.geometry_mask])[: layout.generation_rows]
+
+
+def _with_inpaint(conditioning, masked_latents: Optional[torch.Tensor], masks: torch.Tensor):
+    """Per-row inpainting concat: each row gets its own mask and masked image (ComfyUI keeps per-row
+    values whose batch equals the latent batch)."""
+    if masked_latents is None:
+        return conditioning
+    return node_helpers.conditioning_set_values(
+        conditioning, {"concat_latent_image": masked_latents, "concat_mask": masks[:, None]}
+    )
+
+
+def _sampler(loop):
+    """A ComfyUI KSAMPLER running `loop(denoise, x, sigmas, callback)`; checks interrupt per model call."""
+
+    def sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        s_in = x.new_ones([x.shape[0]])
+
+        def denoise(x_, sigma):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            return model(x_, sigma * s_in, **extra_args)
+
+        def step_done(i, total, x_):
+            if callback is not None:
+                callback({"i": i, "denoised": x_, "x": x_, "sigma": sigmas[i], "sigma_hat": sigmas[i]})
+
+        return loop(denoise, x, sigmas, step_done)
+
+    return comfy.samplers.KSAMPLER(sampler_function)
+
+
+def _run(model, loop, latents, sigmas, positive, negative, cfg):
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+    return comfy.sample.sample_custom(
+        model, torch.zeros_like(latents), cfg, _sampler(loop), sigmas.to(latents.device), positive, negative,
+        latents, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0,
+    )
+
+
+def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
+           mode: str) -> Inverted:
+    """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention."""
+    layout = scene.layout
+    images = torch.cat([scene.source, scene.target, scene.geometry])
+    masks = _row_masks(scene, "inversion")
+    latents = vae.encode(images[..., :3])
+    inpaint_latents = None
+    if is_inpainting(model):
+        keep = (1.0 - masks.round())[..., None]
+        inpaint_latents = vae.encode((images[..., :3] - 0.5) * keep + 0.5)  # as InpaintModelConditioning does
+    positive = _with_inpaint(conditioning, inpaint_latents, masks)
+    rules = texture_aligning_rules(layout, mode)
+    patched = apply_plan(model, RowPlan(layout.inversion_rows, lambda layer: rules))
+
+    sigmas = schedule(model, steps)
+    up = sigmas.flip(0)
+    up[0] = max(float(up[0]), 1e-4)  # the clean end: evaluate the model just above sigma 0, like FlipSigmas
+
+    def loop(denoise, x, s, callback):
+        return inversion.invert(denoise, x, s, iterations=iterations, average_last=average_last, callback=callback)
+
+    z_t = _run(patched, loop, latents, up, positive, positive, 1.0)
+    return Inverted(scene=scene, latents=z_t, sigmas=sigmas, model_family=model_family(model),
+                    inpaint_latents=inpaint_latents)
+
+
+def blend_latents(inverted: Inverted, feather: float) -> Inverted:
+    """Eq. 4 for every pair: z_out = z_geo * m_geo + z_tar * (1 - m_geo)."""
+    layout = inverted.layout
+    z = inverted.latents
+    z_tar = z[layout.tar(0): layout.tar(0) + layout.pairs]
+    z_geo = z[layout.geo(0): layout.geo(0) + layout.pairs]
+    m = latent_mask(inverted.scene.geometry_mask, z.shape[-2], z.shape[-1], feather).to(z)
+    return replace(inverted, blended=blend(z_geo, z_tar, m), blend_mask=m)
+
+
+def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str):
+    """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents."""
+    layout = inverted.layout
+    rows = layout.generation_rows
+    x = torch.cat([inverted.latents[: layout.sources], inverted.blended])
+    masks = _row_masks(inverted.scene, "generation")
+    inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:rows]
+    positive = _with_inpaint(positive, inpaint, masks)
+    negative = _with_inpaint(negative, inpaint, masks)
+    rules = geometry_preserving_rules(layout, mode)
+    patched = apply_plan(model, RowPlan(rows, lambda layer: rules, regions=masks))
+
+    def loop(denoise, x_, s, callback):
+        return inversion.sample(denoise, x_, s, callback=callback)
+
+    samples = _run(patched, loop, x, inverted.sigmas, positive, negative, cfg)
+    return samples[layout.sources:], samples[: layout.sources]

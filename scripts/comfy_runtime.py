@@ -1,0 +1,94 @@
+"""Start ComfyUI in-process (no server) with this pack loaded, and run API-format prompts.
+
+Shared by the test harness and the headless workflow runner.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_comfyui() -> Path:
+    """COMFYUI_PATH, else the ComfyUI install this pack sits in, else ../shared/ComfyUI (CI)."""
+    here = Path(os.path.abspath(__file__)).parents[1]  # not resolved: keeps a custom_nodes/ symlink
+    candidates = [Path(os.environ["COMFYUI_PATH"])] if os.environ.get("COMFYUI_PATH") else []
+    candidates += [here.parent.parent, PACK_ROOT.parent / "shared" / "ComfyUI"]
+    for path in candidates:
+        if (path / "comfy" / "model_management.py").is_file():
+            return path.resolve()
+    raise RuntimeError(
+        "ComfyUI not found (looked at: " + ", ".join(str(p) for p in candidates) + "). "
+        "Run from ComfyUI/custom_nodes/<this pack>, or set COMFYUI_PATH to a ComfyUI checkout."
+    )
+
+
+def start(cpu: bool, custom_nodes: bool = False) -> Path:
+    """Initialise ComfyUI once: CLI arguments, import order, built-in nodes, this pack. Returns its root."""
+    root = find_comfyui()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    sys.dont_write_bytecode = True  # ComfyUI may be a read-only source tree (CI's ../shared)
+
+    from comfy.cli_args import args  # must precede any import of comfy.model_management
+
+    args.cpu = cpu
+    args.use_pytorch_cross_attention = True  # ~4x faster than sub-quadratic attention on the CPU
+    import utils.extra_config  # noqa: F401  (before `import nodes`, else `utils` resolves to comfy/utils.py)
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=custom_nodes, init_api_nodes=False))
+    if not any(k.startswith("HA_") for k in nodes.NODE_CLASS_MAPPINGS):
+        if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT))):
+            raise RuntimeError(f"ComfyUI could not load the pack from {PACK_ROOT}; see the log above")
+    return root
+
+
+class _ServerStub:
+    """What PromptExecutor needs of PromptServer: it records the messages it is sent."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+class PromptError(RuntimeError):
+    def __init__(self, message, details):
+        super().__init__(message)
+        self.details = details
+
+
+def run_prompt(prompt: dict) -> dict:
+    """Validate and execute an API-format prompt; return {node_id: (output values...)} of every node run."""
+    import execution
+
+    prompt = json.loads(json.dumps(prompt))
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        raise PromptError(f"prompt invalid: {valid[1].get('message')} {valid[3]}",
+                          {"error": valid[1], "node_errors": valid[3]})
+    executor = execution.PromptExecutor(_ServerStub(), cache_type=False)
+    executor.execute(prompt, prompt_id, {}, valid[2])
+    if not executor.success:
+        errors = [data for event, data in executor.status_messages if event == "execution_error"]
+        err = errors[0] if errors else {"exception_message": "interrupted", "node_type": None}
+        raise PromptError(f"{err.get('node_type')}: {err.get('exception_message')}", err)
+    outputs = {}
+    for node_id in prompt:
+        cached = executor.caches.outputs.get(node_id)
+        if cached is not None:  # one list per output socket, holding the value
+            outputs[node_id] = tuple(values[0] if len(values) == 1 else values for values in cached)
+    logging.debug("ran %d nodes", len(outputs))
+    return outputs

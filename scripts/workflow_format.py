@@ -1,0 +1,126 @@
+"""Convert between ComfyUI's API-format prompts and UI-format workflows (what the app saves/loads).
+
+The shipped `workflows/*_api.json` are the source; `python scripts/workflow_format.py` rewrites each
+UI twin `workflows/*.json` from it, laid out left to right by dependency depth. The tests convert
+the UI files back and require the API twin, so the two never drift.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _inputs(node_class) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of every input in declaration order (required, then optional)."""
+    spec = node_class.INPUT_TYPES()
+    out = []
+    for section in ("required", "optional"):
+        for name, value in spec.get(section, {}).items():
+            kind, options = value[0], (value[1] if len(value) > 1 else {}) or {}
+            out.append((name, "COMBO" if isinstance(kind, list) else kind, options))
+    return out
+
+
+def _widget_values(node_class, inputs: dict) -> list:
+    """widgets_values as the app stores them: widget inputs in order, plus the values of the extra
+    widgets the app adds (seed's control_after_generate, the image upload button)."""
+    values = []
+    for name, kind, options in _inputs(node_class):
+        if kind in WIDGET_TYPES and not options.get("forceInput"):
+            values.append(inputs[name])
+            if options.get("control_after_generate") or name in ("seed", "noise_seed"):
+                values.append("fixed")
+    for name, kind, options in _inputs(node_class):
+        if options.get("image_upload"):
+            values.append("image")
+    return values
+
+
+def api_to_ui(api: dict, classes: dict) -> dict:
+    depth: dict[str, int] = {}
+
+    def level(node_id):
+        if node_id not in depth:
+            links = [v for v in api[node_id]["inputs"].values() if isinstance(v, list)]
+            depth[node_id] = 1 + max((level(src) for src, _ in links), default=-1)
+        return depth[node_id]
+
+    for node_id in api:
+        level(node_id)
+    nodes, links, rows = [], [], {}
+    outputs_links: dict[tuple[str, int], list[int]] = {}
+    ui_inputs: dict[str, list] = {}
+    for node_id in sorted(api, key=int):
+        ui_inputs[node_id] = []
+        for name, kind, _ in _inputs(classes[api[node_id]["class_type"]]):  # slots in declaration order
+            value = api[node_id]["inputs"].get(name)
+            if isinstance(value, list):
+                link_id = len(links) + 1
+                links.append([link_id, int(value[0]), value[1], int(node_id), len(ui_inputs[node_id]), kind])
+                outputs_links.setdefault((value[0], value[1]), []).append(link_id)
+                ui_inputs[node_id].append({"name": name, "type": kind, "link": link_id})
+    for node_id in sorted(api, key=int):
+        node = api[node_id]
+        cls = classes[node["class_type"]]
+        col = depth[node_id]
+        row = rows.get(col, 0)
+        rows[col] = row + 1
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        ui_outputs = [
+            {"name": names[i], "type": t, "links": outputs_links.get((node_id, i), []), "slot_index": i}
+            for i, t in enumerate(cls.RETURN_TYPES)
+        ]
+        nodes.append({
+            "id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * col, 40 + 260 * row],
+            "size": [340, 200], "flags": {}, "order": 0, "mode": 0,
+            "inputs": ui_inputs[node_id], "outputs": ui_outputs,
+            "properties": {"Node name for S&R": node["class_type"]},
+            "widgets_values": _widget_values(cls, node["inputs"]),
+        })
+    for order, node in enumerate(sorted(nodes, key=lambda n: (depth[str(n["id"])], n["id"]))):
+        node["order"] = order
+    return {
+        "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links),
+        "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4,
+    }
+
+
+def ui_to_api(ui: dict, classes: dict) -> dict:
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        cls = classes[node["type"]]
+        inputs = {}
+        for entry in node["inputs"]:
+            if entry.get("link") is not None:
+                link = links[entry["link"]]
+                inputs[entry["name"]] = [str(link[1]), link[2]]
+        values = iter(node["widgets_values"])
+        for name, kind, options in _inputs(cls):
+            if kind in WIDGET_TYPES and not options.get("forceInput") and name not in inputs:
+                inputs[name] = next(values)
+                if options.get("control_after_generate") or name in ("seed", "noise_seed"):
+                    next(values)
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import comfy_runtime
+
+    comfy_runtime.start(cpu=True)
+    import nodes
+
+    for api_file in sorted((comfy_runtime.PACK_ROOT / "workflows").glob("*_api.json")):
+        ui = api_to_ui(json.loads(api_file.read_text()), nodes.NODE_CLASS_MAPPINGS)
+        ui_file = api_file.with_name(api_file.name.replace("_api.json", ".json"))
+        ui_file.write_text(json.dumps(ui, indent=1) + "\n")
+        print(f"wrote {ui_file}")
+
+
+if __name__ == "__main__":
+    main()

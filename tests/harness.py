@@ -1,0 +1,203 @@
+"""Drives the real ComfyUI runtime in-process on the CPU, with tiny random-weight models.
+
+`start()` finds ComfyUI, initialises it for the CPU with PyTorch attention, points every folder
+ComfyUI writes to at a temporary directory, and loads this pack through ComfyUI's own loader.
+The model builders use ComfyUI's own classes; `run_prompt` validates and executes an API-format
+prompt through `execution.PromptExecutor` and returns each node's outputs.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PACK_ROOT / "scripts"))
+
+from comfy_runtime import PromptError, run_prompt  # noqa: E402,F401  (re-exported for the tests)
+import comfy_runtime  # noqa: E402
+
+_state: dict = {}
+
+
+def start() -> dict:
+    """Initialise ComfyUI once per process, every folder it writes to in a temporary directory."""
+    if _state:
+        return _state
+    logging.getLogger().setLevel(logging.WARNING)
+    root = comfy_runtime.start(cpu=True)
+    import folder_paths
+
+    tmp = Path(tempfile.mkdtemp(prefix="ha-comfy-"))
+    for name, setter in (
+        ("output", folder_paths.set_output_directory),
+        ("temp", folder_paths.set_temp_directory),
+        ("input", folder_paths.set_input_directory),
+        ("user", folder_paths.set_user_directory),
+    ):
+        (tmp / name).mkdir()
+        setter(str(tmp / name))
+    (tmp / "checkpoints").mkdir()
+    folder_paths.add_model_folder_path("checkpoints", str(tmp / "checkpoints"), is_default=True)
+    _state.update(root=root, tmp=tmp)
+    return _state
+
+
+# ---------------------------------------------------------------- tiny random-weight models
+
+def _init_(module, seed: int):
+    """ComfyUI leaves weights uninitialised (torch.empty): give every parameter a seeded value."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif "norm" in name and p.ndim == 1:
+                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.02)
+            else:
+                fan_in = max(1, p[0].numel()) if p.ndim > 1 else p.numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+    return module
+
+
+TINY_CONTEXT_DIM = 32
+
+
+def tiny_unet_config(in_channels: int = 4, **overrides) -> dict:
+    """An SD1.5-shaped UNet, reduced: two levels, attention at both, one transformer block each."""
+    config = {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": in_channels, "out_channels": 4, "model_channels": 32,
+        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": TINY_CONTEXT_DIM, "num_heads": 2, "num_head_channels": -1,
+        "use_temporal_resblock": False, "use_temporal_attention": False,
+    }
+    config.update(overrides)
+    return config
+
+
+def tiny_model(in_channels: int = 4, seed: int = 0, family: str = "SD15", **overrides):
+    """A ModelPatcher around a tiny random UNet built through ComfyUI's supported_models classes."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = tiny_unet_config(in_channels, **overrides)
+    model_config = getattr(comfy.supported_models, family)(config)
+    model = model_config.get_model({})
+    _init_(model.diffusion_model, seed)
+    model.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def tiny_vae(seed: int = 0):
+    """A small AutoencoderKL (4 latent channels, 8x downscale like SD's) through comfy.sd.VAE."""
+    import torch
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+
+    ddconfig = {
+        "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+        "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+    }
+    model = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {k: (torch.randn(v.shape, generator=gen) * 0.05 if v.ndim > 1 else torch.ones_like(v) if "norm" in k and k.endswith("weight") else torch.zeros_like(v))
+          for k, v in model.state_dict().items()}
+    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+
+
+def tiny_clip(seed: int = 0):
+    """A reduced CLIP-L text encoder (hidden size TINY_CONTEXT_DIM) through comfy.sd.CLIP."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    textmodel_json_config = {
+        "hidden_act": "quick_gelu", "hidden_size": TINY_CONTEXT_DIM, "intermediate_size": 64,
+        "num_attention_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 77,
+        "vocab_size": 49408, "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407,
+        "projection_dim": TINY_CONTEXT_DIM, "model_type": "clip_text_model",
+    }
+
+    class TinyClipModel(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            model_options = {**model_options, "clip_l_model_config": textmodel_json_config}
+            super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinyClipModel)
+    clip = comfy.sd.CLIP(target=target)
+    _init_(clip.cond_stage_model, seed)
+    return clip
+
+
+# ---------------------------------------------------------------- test-only nodes
+
+def register_test_nodes(models: dict) -> None:
+    """Test-only nodes: HATest_TinyCheckpoint (MODEL, CLIP, VAE from `models`, keyed by ckpt_name),
+    HATest_Image (a deterministic test image) and HATest_Keep (an output node for any value)."""
+    import nodes
+    import torch
+    from comfy_api.latest import io
+
+    class TinyCheckpoint(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="HATest_TinyCheckpoint", category="_for_testing",
+                             inputs=[io.String.Input("ckpt_name")],
+                             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+
+        @classmethod
+        def execute(cls, ckpt_name):
+            return io.NodeOutput(*models[ckpt_name])
+
+    class TestImage(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="HATest_Image", category="_for_testing",
+                             inputs=[io.String.Input("name"), io.Int.Input("width"), io.Int.Input("height")],
+                             outputs=[io.Image.Output()])
+
+        @classmethod
+        def execute(cls, name, width, height):
+            return io.NodeOutput(make_image(name, width, height))
+
+    class Keep(io.ComfyNode):
+        """An output node that keeps any value, so graphs without a Save node can run."""
+
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="HATest_Keep", category="_for_testing", is_output_node=True,
+                             inputs=[io.AnyType.Input("value")], outputs=[])
+
+        @classmethod
+        def execute(cls, value):
+            return io.NodeOutput()
+
+    for cls in (TinyCheckpoint, TestImage, Keep):
+        nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
+
+
+def make_image(name: str, width: int, height: int):
+    """Deterministic RGB images: 'checker' (a texture), 'noise:<seed>', 'gradient'."""
+    import torch
+
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    if name == "checker":
+        c = (((x // 8) + (y // 8)) % 2).float()
+        img = torch.stack([0.3 + 0.4 * c, 0.5 - 0.2 * c, 0.2 + 0.1 * c], -1)
+    elif name == "gradient":
+        img = torch.stack([x / max(1, width - 1), y / max(1, height - 1), 0.5 + 0 * x], -1).float()
+    elif name.startswith("noise:"):
+        gen = torch.Generator().manual_seed(int(name.split(":")[1]))
+        img = torch.rand((height, width, 3), generator=gen)
+    else:
+        raise ValueError(f"unknown test image {name!r}")
+    return img[None].float()
