@@ -1,0 +1,143 @@
+"""Colour adjustment of the geometry image: eq. 1's uniform shift and the ablation's histogram matching.
+
+IMAGE tensors are [B,H,W,C] in [0,1]; MASK tensors are [B,H,W] (or [H,W]), binarized at 0.5.
+Batches broadcast as in edit.place_source: each input has batch size 1 or the common size B.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .edit import _batched_mask, _check_image, _common_batch, _expand_batch, _size, binarize
+
+
+def ring(mask: Tensor, width: int) -> Tensor:
+    """dilate(M, width) - M for the binarized mask M, with a (2*width+1)^2 square structuring element."""
+    if int(width) != width or width < 1:
+        raise ValueError(f"ring width must be a whole number of pixels >= 1, got {width}")
+    m = binarize(_batched_mask(mask))
+    k = 2 * int(width) + 1
+    return F.max_pool2d(m.unsqueeze(1), kernel_size=k, stride=1, padding=int(width))[:, 0] - m
+
+
+def ring_mean(image: Tensor, mask: Tensor, width: int) -> Tensor:
+    """Mean colour [B,C] of the image on ring(mask, width)."""
+    return _ring_mean(image, mask, width, "mask")
+
+
+def mean_shift(
+    geometry_image: Tensor,
+    geometry_mask: Tensor,
+    source: Tensor,
+    source_mask: Tensor,
+    target: Tensor,
+    strength: float,
+    ring_width: int,
+) -> Tensor:
+    """Eq. 1: p_geo = p~ + a * M_geo * (c_tar - c_src), then clamped to [0,1].
+
+    c_src is the mean colour of the source on ring(M_src) (source coordinates), c_tar that of the target on
+    ring(M_geo) (target coordinates). The paper's formula is unclamped; the clamp is only there because an
+    IMAGE must stay in [0,1]. a = 0 returns the geometry image unchanged without computing any ring.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"colour shift strength a must be in [0, 1], got {strength}")
+    if strength == 0:
+        return geometry_image.clone()
+    geometry_mask, source_mask = _batched_mask(geometry_mask), _batched_mask(source_mask)
+    _check_image("geometry image", geometry_image)
+    _check_same_size(geometry_image, geometry_mask, "geometry image", "geometry mask")
+    b = _common_batch(
+        geometry_image=geometry_image,
+        geometry_mask=geometry_mask,
+        source=source,
+        source_mask=source_mask,
+        target=target,
+    )
+    c_src = _ring_mean(source, source_mask, ring_width, "source mask")
+    c_tar = _ring_mean(target, geometry_mask, ring_width, "geometry mask")
+    shift = strength * (c_tar - c_src).to(geometry_image.dtype)  # [B,C]
+    m = binarize(geometry_mask).to(geometry_image.dtype).unsqueeze(-1)  # [B,H,W,1]
+    out = geometry_image + m * shift[:, None, None, :]
+    return _expand_batch(out, b).clamp(0.0, 1.0)
+
+
+def histogram_match(geometry_image: Tensor, geometry_mask: Tensor, target: Tensor, ring_width: int) -> Tensor:
+    """Per channel, match the histogram of the geometry image inside M_geo to the target on ring(M_geo).
+
+    The reference is the target on the ring around M_geo, the same region as eq. 1's c_tar, so the
+    ablation differs from the colour shift only in matching the full distribution instead of the mean.
+    Exact CDF matching: a pixel of value v maps to the reference quantile function (the sorted m reference
+    values at k/m, k = 1..m, linearly interpolated) at F(v) = fraction of in-mask values <= v. Equal values
+    stay equal; with n distinct in-mask values and n reference values the output takes exactly the
+    reference values (as skimage.exposure.match_histograms). Outputs are interpolations of target values,
+    so no clamp is needed. Pixels outside M_geo are unchanged.
+    """
+    geometry_mask = _batched_mask(geometry_mask)
+    _check_image("geometry image", geometry_image)
+    _check_image("target", target)
+    b = _common_batch(geometry_image=geometry_image, geometry_mask=geometry_mask, target=target)
+    _check_same_size(geometry_image, geometry_mask, "geometry image", "geometry mask")
+    _check_same_size(target, geometry_mask, "target", "geometry mask")
+    region = binarize(geometry_mask) > 0
+    reference = ring(geometry_mask, ring_width) > 0
+    _check_ring(geometry_mask, reference, "geometry mask")
+    image, target = _expand_batch(geometry_image, b), _expand_batch(target, b)
+    region, reference = _expand_batch(region, b), _expand_batch(reference, b)
+    out = image.clone(memory_format=torch.contiguous_format)
+    for i in range(b):
+        values = image[i][region[i]].T  # [C, pixels in M_geo]
+        out[i][region[i]] = _match(values, target[i][reference[i]].T.to(image.dtype)).T
+    return out
+
+
+def _match(values: Tensor, reference: Tensor) -> Tensor:
+    """Map each row of values [C,n] onto the distribution of the same row of reference [C,m]."""
+    values = values.contiguous()
+    c, n = values.shape
+    m = reference.shape[1]
+    ref, _ = reference.sort(dim=1)
+    if m == 1:
+        return ref.expand(c, n)
+    cdf = torch.searchsorted(values.sort(dim=1)[0], values, right=True).to(values.dtype) / n
+    ref_q = (torch.arange(1, m + 1, device=values.device, dtype=values.dtype) / m).expand(c, m).contiguous()
+    # np.interp(cdf, ref_q, ref): below ref_q[0] it clamps to ref[0]; lerp is exact at both knots.
+    hi = torch.searchsorted(ref_q, cdf).clamp(1, m - 1)
+    lo = hi - 1
+    q_lo, q_hi = ref_q.gather(1, lo), ref_q.gather(1, hi)
+    weight = ((cdf - q_lo) / (q_hi - q_lo)).clamp(0.0, 1.0)
+    return torch.lerp(ref.gather(1, lo), ref.gather(1, hi), weight)
+
+
+def _ring_mean(image: Tensor, mask: Tensor, width: int, what: str) -> Tensor:
+    mask = _batched_mask(mask)
+    _check_image("image", image)
+    _check_same_size(image, mask, "image", what)
+    b = _common_batch(image=image, mask=mask)
+    r = ring(mask, width)
+    _check_ring(mask, r, what)
+    r = _expand_batch(r, b).to(image.dtype).unsqueeze(-1)  # [B,H,W,1]
+    return (image * r).sum(dim=(1, 2)) / r.sum(dim=(1, 2))
+
+
+def _check_same_size(image: Tensor, mask: Tensor, image_name: str, mask_name: str) -> None:
+    if mask.shape[1:] != image.shape[1:3]:
+        raise ValueError(
+            f"{mask_name} is {_size(mask.shape[1:])} but the {image_name} is {_size(image.shape[1:3])}: "
+            "resize the mask to the image (e.g. with ComfyUI's mask/image resize nodes)"
+        )
+
+
+def _check_ring(mask: Tensor, r: Tensor, what: str) -> None:
+    h, w = mask.shape[1:]
+    for i in range(r.shape[0]):
+        if r[i].any():
+            continue
+        if not (binarize(mask[i]) > 0).any():
+            raise ValueError(f"{what} is empty (no value >= 0.5 in the {w}x{h} mask): paint the region")
+        raise ValueError(
+            f"{what} covers the whole {w}x{h} (WxH) image, so there is no surrounding ring to take the "
+            "colour from: leave some of the image unmasked around the region"
+        )
