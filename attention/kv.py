@@ -40,7 +40,9 @@ def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optio
     parts = []
     for ref in refs:
         if ref.region_only:
-            index = regions[ref.row].nonzero().squeeze(1)
+            index = regions[ref.row]
+            if index.dtype == torch.bool:
+                index = index.nonzero().squeeze(1)
             if index.numel() == 0:
                 continue  # an empty region contributes no keys
             parts.append((ref.row, index))
@@ -67,8 +69,8 @@ def shared_attention(
 ) -> torch.Tensor:
     """Attention where row r's keys/values are those named by refs[r].
 
-    q, k, v: [R, N, C]; refs: one entry per row; regions: row -> bool [N] region tokens (only rows
-    referenced with region_only need one). `kernel` computes plain rows; `ref_kernel` (default:
+    q, k, v: [R, N, C]; refs: one entry per row; regions: row -> its region's tokens, as a bool [N]
+    mask or an index tensor (only rows referenced with region_only need one). `kernel` computes plain rows; `ref_kernel` (default:
     kernel) the rows with a rule. `base`, when given, is the plain output of the whole batch already
     computed (by another patch being chained): plain rows take it as is. When no row has an
     effective rule, the result is exactly kernel(q, k, v) (or `base`).

@@ -52,12 +52,15 @@ class RowPlan:
         """The kernel of the rows with a rule: None (the host's) unless contrast is on."""
         return None if self.contrast == 1.0 else partial(contrast_attention, heads=heads, beta=self.contrast)
 
-    def region_tokens(self, h: int, w: int) -> dict[int, torch.Tensor]:
+    def region_tokens(self, h: int, w: int, device=None) -> dict[int, torch.Tensor]:
+        """Row -> indices of its region's tokens in an (h, w) layer, computed once per size and device."""
         if self.regions is None:
             return {}
-        if (h, w) not in self._tokens:
-            self._tokens[(h, w)] = dict(enumerate(region_tokens(self.regions, h, w)))
-        return self._tokens[(h, w)]
+        key = (h, w, str(device))
+        if key not in self._tokens:
+            masks = region_tokens(self.regions, h, w)
+            self._tokens[key] = {row: m.nonzero().squeeze(1).to(device) for row, m in enumerate(masks)}
+        return self._tokens[key]
 
 
 @dataclass(frozen=True)

@@ -80,8 +80,8 @@ def _make_replace(plan: RowPlan, previous=None):
         )
         rules = list(plan.rules(layer))
         rules = [_shift(rules[j], c * rows) for c in range(chunks) for j in range(rows)]
-        tokens = plan.region_tokens(h, w)
-        regions = {c * rows + j: t.to(q.device) for c in range(chunks) for j, t in tokens.items()}
+        tokens = plan.region_tokens(h, w, q.device)
+        regions = {c * rows + j: t for c in range(chunks) for j, t in tokens.items()}
 
         heads = extra_options["n_heads"]
 

@@ -72,8 +72,9 @@ def test_geometry_preserving_gather_equals_masked_reference(hw):
     mask = torch.zeros(layout.generation_rows, 32, 32)
     mask[0, 5:13, 18:29] = 1  # the source region
     plan = RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout), regions=mask)
-    tokens = plan.region_tokens(h, w)
+    tokens = {row: region_tokens(mask[row:row + 1], h, w)[0] for row in range(layout.generation_rows)}
     assert tokens[0].any() and not tokens[0].all()
+    assert torch.equal(plan.region_tokens(h, w)[0], tokens[0].nonzero().squeeze(1))
     q, k, v = (torch.randn(layout.generation_rows, h * w, 16) for _ in range(3))
     out = shared_attention(q, k, v, plan.rules(Layer("output", 1)), sdpa_kernel, tokens)
     for p in range(layout.pairs):
