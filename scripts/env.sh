@@ -6,7 +6,8 @@ PACK="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"  # logical path: keeps c
 
 if [ -z "${COMFYUI_PATH:-}" ]; then
   for candidate in "$PACK/../.." "$PACK/../shared/ComfyUI"; do
-    if [ -f "$candidate/comfy/model_management.py" ]; then COMFYUI_PATH="$(cd "$candidate" && pwd)"; break; fi
+    candidate="$(cd "$candidate" 2>/dev/null && pwd)" || continue  # `cd` resolves `..` logically: custom_nodes/<link>/../.. is ComfyUI
+    if [ -f "$candidate/comfy/model_management.py" ]; then COMFYUI_PATH="$candidate"; break; fi
   done
 fi
 if [ -z "${COMFYUI_PATH:-}" ] || [ ! -f "$COMFYUI_PATH/comfy/model_management.py" ]; then
