@@ -1,0 +1,45 @@
+"""The main-job command: checkpoint resolution, overrides, and its message for a missing checkpoint."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import harness
+
+SCRIPTS = harness.PACK_ROOT / "scripts"
+
+
+def test_missing_checkpoint_names_the_file_and_where(tmp_path):
+    env = {**os.environ, "COMFYUI_PATH": str(harness.start()["root"])}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "run_workflow.py"), "--cpu", "--ckpt", "no-such-model.safetensors",
+         "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert run.returncode != 0
+    assert "checkpoint 'no-such-model.safetensors' not found" in run.stderr
+    assert "models/checkpoints" in run.stderr and "--ckpt /path/to/file.safetensors" in run.stderr
+    assert not any(tmp_path.iterdir())  # failed before running anything
+
+
+def test_checkpoint_path_and_overrides(comfy, tmp_path):
+    import folder_paths
+    from run_workflow import apply_overrides, resolve_checkpoint
+
+    prompt = json.loads((harness.PACK_ROOT / "workflows" / "geometry_transfer_api.json").read_text())
+    ckpt = tmp_path / "mine.safetensors"
+    ckpt.write_bytes(b"")
+    resolve_checkpoint(prompt, str(ckpt))
+    assert prompt["1"]["inputs"]["ckpt_name"] == "mine.safetensors"
+    assert folder_paths.get_full_path("checkpoints", "mine.safetensors") == str(ckpt)
+    apply_overrides(prompt, ["8.steps=10", "6.shift_x=-12.5", "2.text=a brick wall"])
+    assert prompt["8"]["inputs"]["steps"] == 10 and prompt["6"]["inputs"]["shift_x"] == -12.5
+    assert prompt["2"]["inputs"]["text"] == "a brick wall"
+    with pytest.raises(SystemExit, match="NODE.INPUT=VALUE"):
+        apply_overrides(prompt, ["99.steps=1"])
+    pickle = tmp_path / "old.ckpt"
+    pickle.write_bytes(b"")
+    with pytest.raises(SystemExit, match="only .safetensors"):
+        resolve_checkpoint(prompt, str(pickle))
