@@ -111,12 +111,13 @@ def reference_attention(q, k, v, heads: int) -> torch.Tensor:
     return (weights @ vh).transpose(1, 2).reshape(b, n, c).to(q.dtype)
 
 
-def contrast_attention(q, k, v, heads: int, beta: float, chunk: int = 1024) -> torch.Tensor:
+def contrast_attention(q, k, v, heads: int, beta: float, chunk: int = 1024, clip: bool = False) -> torch.Tensor:
     """Cross-image attention's contrast (its eq. 3): A <- (A - mean(A)) * beta + mean(A), then A v.
 
     The mean is over the keys of each query's row of A (each row of a softmax sums to one, so the
     mean is 1 / keys). Queries are processed in chunks of `chunk` so memory stays
-    O(chunk x keys) instead of O(N x keys). beta == 1 is plain attention.
+    O(chunk x keys) instead of O(N x keys). beta == 1 is plain attention. `clip` clamps the contrasted
+    weights to [0, 1] as the official code does (the paper's eq. 3 has no clamp).
     """
     b, n, c = q.shape
     d = c // heads
@@ -128,5 +129,7 @@ def contrast_attention(q, k, v, heads: int, beta: float, chunk: int = 1024) -> t
         weights = torch.softmax(sim, dim=-1)
         mean = weights.mean(dim=-1, keepdim=True)
         weights = (weights - mean) * beta + mean
+        if clip:
+            weights = weights.clamp(0.0, 1.0)
         out[:, :, start:start + chunk] = (weights @ vh.float()).to(q.dtype)
     return out.transpose(1, 2).reshape(b, n, c)

@@ -38,7 +38,8 @@ class RowPlan:
 
     regions: per-row region masks ([rows, H, W], any resolution) for region_only refs;
     needs_step: the rules read Layer.step (the host then works out the schedule position);
-    contrast: beta of cross-image attention's contrast for the rows with a rule (1 = none).
+    contrast: beta of cross-image attention's contrast for the rows with a rule (1 = none);
+    contrast_clip: clamp the contrasted weights to [0, 1] (the official code's variant).
     """
 
     rows: int
@@ -46,11 +47,14 @@ class RowPlan:
     regions: Optional[torch.Tensor] = None
     needs_step: bool = False
     contrast: float = 1.0
+    contrast_clip: bool = False
     _tokens: dict = field(default_factory=dict, repr=False)
 
     def ref_kernel(self, heads: int) -> Optional[Kernel]:
         """The kernel of the rows with a rule: None (the host's) unless contrast is on."""
-        return None if self.contrast == 1.0 else partial(contrast_attention, heads=heads, beta=self.contrast)
+        if self.contrast == 1.0:
+            return None
+        return partial(contrast_attention, heads=heads, beta=self.contrast, clip=self.contrast_clip)
 
     def region_tokens(self, h: int, w: int, device=None) -> dict[int, torch.Tensor]:
         """Row -> indices of its region's tokens in an (h, w) layer, computed once per size and device."""

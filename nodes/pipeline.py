@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 
 import comfy.model_management
-import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
@@ -88,6 +87,13 @@ def _with_inpaint(conditioning, masked_latents: Optional[torch.Tensor], masks: t
     )
 
 
+def masked_image_latents(vae, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """An inpainting model's masked images, encoded: pixels inside the (rounded) mask set to grey, as
+    InpaintModelConditioning does. images [B, H, W, C], masks [B, H, W]."""
+    keep = (1.0 - masks.round())[..., None]
+    return vae.encode((images[..., :3] - 0.5) * keep + 0.5)
+
+
 def _sampler(loop):
     """A ComfyUI KSAMPLER running `loop(denoise, x, sigmas, callback)`; checks interrupt per model call."""
 
@@ -108,12 +114,16 @@ def _sampler(loop):
     return comfy.samplers.KSAMPLER(sampler_function)
 
 
-def _run(model, loop, latents, sigmas, positive, negative, cfg):
+def _run(model, loop, latents, sigmas, positive, negative, cfg, guider=None):
+    """Run `loop` as a ComfyUI sampler from `latents` (no noise added), exactly as SamplerCustom would.
+    `guider`: a comfy.samplers.CFGGuider subclass over `model`; default ComfyUI's plain CFGGuider."""
+    guider = guider or comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
-    return comfy.sample.sample_custom(
-        model, torch.zeros_like(latents), cfg, _sampler(loop), sigmas.to(latents.device), positive, negative,
-        latents, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0,
-    )
+    samples = guider.sample(torch.zeros_like(latents), latents, _sampler(loop), sigmas.to(latents.device),
+                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
+    return samples.to(comfy.model_management.intermediate_device())
 
 
 def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
@@ -125,8 +135,7 @@ def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, 
     latents = vae.encode(images[..., :3])
     inpaint_latents = None
     if is_inpainting(model):
-        keep = (1.0 - masks.round())[..., None]
-        inpaint_latents = vae.encode((images[..., :3] - 0.5) * keep + 0.5)  # as InpaintModelConditioning does
+        inpaint_latents = masked_image_latents(vae, images, masks)
     positive = _with_inpaint(conditioning, inpaint_latents, masks)
     rules = texture_aligning_rules(layout, mode)
     patched = apply_plan(model, RowPlan(layout.inversion_rows, lambda layer: rules))
