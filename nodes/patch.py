@@ -29,10 +29,11 @@ def self_attention_blocks(model) -> list[tuple[str, int, int]]:
     """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them."""
     unet = model.get_model_object("diffusion_model")
     if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
-        family = type(model.model).__name__
+        family = type(getattr(model.model, "model_config", model.model)).__name__  # e.g. Flux, SD3, AuraFlow
         raise UnsupportedModel(
-            f"this model is a {family} ({type(unet).__name__}), not a UNet: Harmonizing Attention patches "
-            "the self-attention of SD1.x / SD2.x / SDXL UNets. Load one of those checkpoints."
+            f"this model is {family} (a {type(unet).__name__} diffusion model), not a UNet of SpatialTransformers: "
+            "Harmonizing Attention patches the self-attention of SD1.x / SD2.x / SDXL UNets (and their inpainting "
+            "versions). Load one of those checkpoints."
         )
     keys = []
     for stage, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
@@ -41,7 +42,11 @@ def self_attention_blocks(model) -> list[tuple[str, int, int]]:
                 if isinstance(layer, SpatialTransformer):
                     keys += [(stage, block_id, i) for i in range(len(layer.transformer_blocks))]
     if not keys:
-        raise UnsupportedModel(f"no self-attention block found in {type(unet).__name__}: nothing to patch")
+        family = type(getattr(model.model, "model_config", model.model)).__name__
+        raise UnsupportedModel(
+            f"this {family} UNet ({type(unet).__name__}) has no SpatialTransformer self-attention block: nothing "
+            "for Harmonizing Attention to patch. Load an SD1.x / SD2.x / SDXL checkpoint."
+        )
     return keys
 
 
@@ -62,6 +67,16 @@ def _step(extra_options) -> float | None:
     return min(index, len(schedule) - 2) / (len(schedule) - 1)
 
 
+def _downscale(latent_hw, layer_hw) -> int:
+    """Latent size / layer size as the UNet's power of two. Each level halves rounding up (stride-2 conv,
+    padding 1), so a 13-wide latent has 13, 7, 4 wide layers: 13 / 4 would round to 3, not 4."""
+    (H, W), (h, w) = (int(v) for v in latent_hw), (int(v) for v in layer_hw)
+    d = 1
+    while (H, W) != (h, w) and (H > h or W > w):
+        H, W, d = -(-H // 2), -(-W // 2), 2 * d
+    return d
+
+
 def _make_replace(plan: RowPlan, previous=None):
     def attn1_replace(q, k, v, extra_options):
         chunks = len(extra_options.get("cond_or_uncond", [0]))
@@ -75,7 +90,7 @@ def _make_replace(plan: RowPlan, previous=None):
         h, w = extra_options["activations_shape"][-2:]
         layer = Layer(
             stage=extra_options["block"][0],
-            downscale=max(1, round(extra_options["original_shape"][-1] / w)),
+            downscale=_downscale(extra_options["original_shape"][-2:], (h, w)),
             step=_step(extra_options) if plan.needs_step else None,
         )
         rules = list(plan.rules(layer))

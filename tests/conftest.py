@@ -39,3 +39,44 @@ def tiny(comfy):
     }
     harness.register_test_nodes(models)
     return models
+
+
+# ---------------------------------------------------------------- a real ComfyUI server (tests/comfy_server.py)
+
+@pytest.fixture(scope="session")
+def app_server(comfy, tmp_path_factory):
+    """`python main.py --cpu` with this pack, the test node pack and tiny checkpoints under the shipped
+    workflows' checkpoint names; its folders live in a temporary base directory."""
+    import comfy_server
+
+    server = comfy_server.ComfyServer(comfy["root"], base=tmp_path_factory.mktemp("ha-server"),
+                                      checkpoints=comfy_server.shipped_checkpoints())
+    server.start()
+    # the isolation test's reference: a plain KSampler graph on the fresh server, before any pack node ran
+    from test_app_server import plain_ksampler, saved_latent
+
+    server.reference = saved_latent(server, server.run(plain_ksampler("ha_isolation/fresh")), "5")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def families(tiny):
+    """Tiny SDXL (depths 2 and 10 like the real one), SDXL inpainting (9 channels, depth 1), SD2.x v-prediction and a
+    tiny Flux (a family the pack refuses), each (MODEL, CLIP, VAE). They are added to `tiny`'s names, so
+    graphs reach them through HATest_TinyCheckpoint too."""
+    import harness
+
+    sdxl_clip = harness.tiny_sdxl_clip(seed=3)
+    _, clip, vae = tiny["tiny"]
+    models = {
+        "tiny-sdxl": (harness.tiny_family_model("SDXL", seed=3), sdxl_clip, vae),
+        # one transformer block per level: the inpainting variant's tests run whole graphs
+        "tiny-sdxl-inpaint": (harness.tiny_family_model(
+            "SDXL", in_channels=9, seed=4, transformer_depth=[0, 0, 1, 1, 1, 1],
+            transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1), sdxl_clip, vae),
+        "tiny-sd2v": (harness.tiny_family_model("SD20", seed=5, v_prediction=True), clip, vae),
+        "tiny-flux": (harness.tiny_flux(seed=6), clip, vae),
+    }
+    tiny.update(models)  # the dict HATest_TinyCheckpoint reads
+    return models

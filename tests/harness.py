@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PACK_ROOT / "scripts"))
+sys.path.insert(0, str(PACK_ROOT / "scripts"))  # comfy_runtime, run_workflow, workflow_format
 
 from comfy_runtime import PromptError, run_prompt  # noqa: E402,F401  (re-exported for the tests)
 import comfy_runtime  # noqa: E402
@@ -201,3 +201,101 @@ def make_image(name: str, width: int, height: int):
     else:
         raise ValueError(f"unknown test image {name!r}")
     return img[None].float()
+
+
+# ---------------------------------------------------------------- other model families (SDXL, SD2.x)
+
+TINY_POOLED_DIM = 32  # clip_g's projection; SDXL's ADM input is pooled + 6 x 256 size embeddings
+
+
+def tiny_sdxl_unet_config(in_channels: int = 4, **overrides) -> dict:
+    """SDXL's layout, reduced in width (32, 32, 64 channels): no attention at full latent size, depth 2 at 1/2 and
+    10 at 1/4 (the real model's depths), context = clip_l + clip_g widths, ADM = pooled + size embeddings."""
+    config = tiny_unet_config(
+        in_channels, model_channels=32, channel_mult=[1, 1, 2], num_res_blocks=[2, 2, 2],
+        transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+        transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2 * TINY_CONTEXT_DIM,
+        adm_in_channels=TINY_POOLED_DIM + 6 * 256, num_classes="sequential",
+    )
+    config.update(overrides)
+    return config
+
+
+def tiny_family_model(family: str, in_channels: int = 4, seed: int = 0, v_prediction: bool = False, **overrides):
+    """A ModelPatcher around a tiny random UNet of `family` ("SDXL" or "SD20"), built through ComfyUI's
+    supported_models class, so model_base class, latent format, model sampling and inpainting set-up are
+    ComfyUI's own. SD20's v-prediction is detected from a state dict: one carrying the key it reads."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    if family == "SDXL":
+        config = tiny_sdxl_unet_config(in_channels, **overrides)
+    elif family == "SD20":
+        config = tiny_unet_config(in_channels, use_linear_in_transformer=True, **overrides)
+    else:
+        raise ValueError(f"family {family!r}: tiny_family_model builds 'SDXL' or 'SD20'")
+    model_config = getattr(comfy.supported_models, family)(config)
+    # 64-channel heads (SD2, SDXL) would leave the tiny levels one head or none: 16-channel heads
+    model_config.unet_config.update(num_heads=-1, num_head_channels=16)
+    state_dict = {}
+    if v_prediction:
+        if family != "SD20":
+            raise ValueError("v_prediction: only the SD20 route detects it from a state dict")
+        state_dict["output_blocks.11.1.transformer_blocks.0.norm1.bias"] = torch.linspace(-1, 1, 8)
+    model = model_config.get_model(state_dict)
+    _init_(model.diffusion_model, seed)
+    model.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def tiny_sdxl_clip(seed: int = 0):
+    """SDXL's two text encoders (clip_l + clip_g, 3 layers: both read the penultimate) through comfy.sd.CLIP,
+    each TINY_CONTEXT_DIM wide:
+    CLIPTextEncode then gives [cond (2 x TINY_CONTEXT_DIM wide), {"pooled_output": [1, TINY_POOLED_DIM]}]."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    def text_config(projection_dim):
+        return {
+            "hidden_act": "gelu", "hidden_size": TINY_CONTEXT_DIM, "intermediate_size": 64,
+            "num_attention_heads": 2, "num_hidden_layers": 3, "max_position_embeddings": 77,
+            "vocab_size": 49408, "layer_norm_eps": 1e-5, "projection_dim": projection_dim,
+            "model_type": "clip_text_model",
+        }
+
+    class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            model_options = {**(model_options or {}), "clip_l_model_config": text_config(TINY_CONTEXT_DIM),
+                             "clip_g_model_config": text_config(TINY_POOLED_DIM)}
+            super().__init__(device=device, dtype=dtype, model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+    clip = comfy.sd.CLIP(target=target)
+    _init_(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_flux(seed: int = 0):
+    """A tiny Flux (a DiT: no UNet blocks) through comfy.supported_models.Flux: a family the pack refuses."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": TINY_CONTEXT_DIM,
+        "context_in_dim": TINY_CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+        "guidance_embed": False,
+    }
+    model = comfy.supported_models.Flux(config).get_model({})
+    _init_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )

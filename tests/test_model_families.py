@@ -1,0 +1,450 @@
+"""The same nodes on SDXL, SDXL inpainting and SD2.x v-prediction; a DiT family is refused.
+
+Tiny random-weight models built through ComfyUI's own supported_models classes (conftest `families`).
+The attention checks reuse tests/test_attention.py's helpers and reference formulas on these UNets;
+the v-prediction checks drive our inversion and sampling loops through ComfyUI's real model sampling
+with a closed-form network output and compare with diffusers' DDIM schedulers.
+"""
+import copy
+import json
+
+import harness
+import pytest
+import torch
+from harmonizing_attention.attention import inversion
+from harmonizing_attention.attention.roles import (
+    Layer,
+    PairLayout,
+    RowPlan,
+    geometry_preserving_rules,
+    texture_aligning_rules,
+)
+from harmonizing_attention.attention.tokens import region_tokens
+from test_attention import _recorded_attn1_calls, _unet_out, masked_reference
+from test_inversion import SD15, SHAPE, STEPS, _double, _inverse_grid, _inverse_scheduler, _unet
+from test_pipeline import graph, shipped, small
+
+DIRECT = ["tiny-sdxl", "tiny-sd2v"]  # families whose UNet the tests call directly (4 input channels)
+SDXL_SIZES = {"width": 1024, "height": 768, "crop_w": 8, "crop_h": 16, "target_width": 1024, "target_height": 768}
+
+
+def _wrap(model, key, fn):
+    """A clone of `model` with `fn` as a DIFFUSION_MODEL wrapper in its transformer_options, so it runs both
+    in sampling and in direct apply_model calls with those options."""
+    from comfy.patcher_extension import WrappersMP, add_wrapper_with_key
+
+    clone = model.clone()
+    add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, key, fn, clone.model_options, is_model_options=True)
+    return clone
+
+
+def _ready(families, name):
+    """(model, context width) for direct UNet calls: SDXL gets its ADM input (pooled + size embeddings),
+    which a sampler would build from the conditioning, injected where the caller gives none."""
+    import comfy.model_base
+
+    model = families[name][0]
+    context = model.model.model_config.unet_config["context_dim"]
+    if not isinstance(model.model, comfy.model_base.SDXL):
+        return model, context
+    pooled = torch.randn(1, harness.TINY_POOLED_DIM, generator=torch.Generator().manual_seed(0))
+    adm = model.model.encode_adm(pooled_output=pooled, **SDXL_SIZES)
+
+    def with_adm(executor, x, timesteps, context, y, *args, **kwargs):
+        y = adm.expand(x.shape[0], -1).to(x) if y is None else y
+        return executor(x, timesteps, context, y, *args, **kwargs)
+
+    return _wrap(model, "ha-test-adm", with_adm), context
+
+
+def _layers_seen(model, rows, x, context):
+    """Layer (stage, downscale) of every self-attention call our patch makes, in call order."""
+    from harmonizing_attention.nodes.patch import apply_plan
+
+    seen = []
+
+    def rules(layer):
+        seen.append(layer)
+        return [None] * rows
+
+    _unet_out(apply_plan(model, RowPlan(rows, rules)), x, context)
+    return seen
+
+
+# ---------------------------------------------------------------- blocks and layers of each family
+
+
+def test_self_attention_blocks_cover_every_sdxl_transformer_block(families):
+    """SDXL: transformer depth 2 at 1/2 size and 10 at 1/4 (encoder, middle, decoder), none at full size."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from harmonizing_attention.nodes.patch import apply_plan, self_attention_blocks
+
+    model = families["tiny-sdxl"][0]
+    unet = model.model.diffusion_model
+    blocks = self_attention_blocks(model)
+    depth = {}
+    for stage, block_id, index in blocks:
+        depth[(stage, block_id)] = max(depth.get((stage, block_id), 0), index + 1)
+    assert depth == {("input", 4): 2, ("input", 5): 2, ("input", 7): 10, ("input", 8): 10, ("middle", 0): 10,
+                     ("output", 0): 10, ("output", 1): 10, ("output", 2): 10,
+                     ("output", 3): 2, ("output", 4): 2, ("output", 5): 2}
+    assert len(blocks) == len(set(blocks)) == 70
+    every = sum(len(m.transformer_blocks) for m in unet.modules() if isinstance(m, SpatialTransformer))
+    assert len(blocks) == every
+    patched = apply_plan(model, RowPlan(1, lambda layer: [None]))
+    assert set(patched.model_options["transformer_options"]["patches_replace"]["attn1"]) == {
+        (stage, block_id) for stage, block_id, _ in blocks}
+
+
+@pytest.mark.parametrize("name, latent, expected", [
+    # SDXL: no self-attention at full latent size; 2 blocks per level at 1/2, 10 at 1/4
+    ("tiny-sdxl", (16, 16), {("input", 2): 4, ("input", 4): 20, ("middle", 4): 10, ("output", 4): 30,
+                             ("output", 2): 6}),
+    ("tiny-sdxl", (10, 13), {("input", 2): 4, ("input", 4): 20, ("middle", 4): 10, ("output", 4): 30,
+                             ("output", 2): 6}),  # odd sizes: 13 -> 7 -> 4 wide, still 1/2 and 1/4
+    ("tiny-sd2v", (16, 16), {("input", 1): 1, ("input", 2): 1, ("middle", 2): 1, ("output", 2): 2,
+                             ("output", 1): 2}),
+])
+def test_layers_map_by_resolution_and_stage(families, name, latent, expected):
+    model, context_dim = _ready(families, name)
+    torch.manual_seed(8)
+    x = torch.randn(1, 4, *latent)
+    seen = _layers_seen(model, 1, x, torch.randn(1, 77, context_dim))
+    counts = {}
+    for layer in seen:
+        counts[(layer.stage, layer.downscale)] = counts.get((layer.stage, layer.downscale), 0) + 1
+    assert counts == expected
+    # encoder first, then middle, then decoder; resolution falls then rises again
+    order = [layer.stage for layer in seen]
+    assert order == sorted(order, key=["input", "middle", "output"].index)
+
+
+# ---------------------------------------------------------------- test_attention.py's checks on these UNets
+
+
+@pytest.mark.parametrize("name", DIRECT)
+def test_patch_equals_reference_at_every_block_resolution(families, name):
+    from harmonizing_attention.nodes.patch import _make_replace
+
+    model, context_dim = _ready(families, name)
+    layout = PairLayout(1, 1)
+    torch.manual_seed(4)
+    x = torch.randn(layout.generation_rows, 4, 16, 16)
+    context = torch.randn(layout.generation_rows, 77, context_dim)
+    mask = torch.zeros(layout.generation_rows, 128, 128)
+    mask[0, 20:70, 64:100] = 1
+    plan = RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout), regions=mask)
+    calls = _recorded_attn1_calls(model, x, context)
+    resolutions = {tuple(extra["activations_shape"][-2:]) for *_, extra in calls}
+    assert resolutions == ({(8, 8), (4, 4)} if name == "tiny-sdxl" else {(16, 16), (8, 8)})
+    assert len(calls) == (70 if name == "tiny-sdxl" else 7)
+    replace = _make_replace(plan)
+    for q, k, v, extra in calls:
+        h, w = extra["activations_shape"][-2:]
+        src_tokens = region_tokens(mask[:1], h, w)[0]
+        out = replace(q, k, v, extra)
+        expect = masked_reference(q[1], k[1], v[1], k[0], v[0], src_tokens, extra["n_heads"])
+        torch.testing.assert_close(out[1], expect, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[:1], masked_reference(q[0], k[0], v[0], k[0][:0], v[0][:0],
+                                                             src_tokens[:0], extra["n_heads"])[None],
+                                   rtol=1e-4, atol=1e-5)  # the source row: plain self-attention
+
+
+@pytest.mark.parametrize("name", DIRECT)
+def test_cond_uncond_chunks_map_rows_to_roles(families, name):
+    from harmonizing_attention.nodes.patch import _make_replace
+
+    model, context_dim = _ready(families, name)
+    layout = PairLayout(1, 1)
+    torch.manual_seed(5)
+    x = torch.randn(2 * layout.inversion_rows, 4, 8, 8)
+    context = torch.randn(2 * layout.inversion_rows, 77, context_dim)
+    calls = _recorded_attn1_calls(model, x, context, {"cond_or_uncond": [1, 0]})
+    replace = _make_replace(RowPlan(layout.inversion_rows, lambda layer: texture_aligning_rules(layout)))
+    rows = layout.inversion_rows
+    for q, k, v, extra in calls:
+        both = replace(q, k, v, extra)
+        for c in range(2):
+            sl = slice(c * rows, (c + 1) * rows)
+            alone = replace(q[sl], k[sl], v[sl], {**extra, "cond_or_uncond": [0]})
+            torch.testing.assert_close(both[sl], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", DIRECT)
+def test_identity_modes_give_exactly_the_unpatched_model(families, name):
+    from harmonizing_attention.nodes.patch import apply_plan
+
+    model, context_dim = _ready(families, name)
+    layout = PairLayout(1, 1)
+    torch.manual_seed(6)
+    x = torch.randn(layout.generation_rows, 4, 16, 16)
+    context = torch.randn(1, 77, context_dim).expand(layout.generation_rows, -1, -1)
+    options_before = copy.deepcopy(model.model_options)
+    plain = _unet_out(model, x, context)
+    empty = torch.zeros(layout.generation_rows, 128, 128)
+    for plan in (
+        RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout), regions=empty),
+        RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout, "self_only")),
+    ):
+        assert torch.equal(_unet_out(apply_plan(model, plan), x, context), plain)
+    some = empty.clone()
+    some[0, 10:50, 10:50] = 1
+    changed = _unet_out(apply_plan(model, RowPlan(2, lambda layer: geometry_preserving_rules(layout), regions=some)),
+                        x, context)
+    assert torch.equal(changed[0], plain[0]) and not torch.allclose(changed[1], plain[1])
+    assert model.model_options == options_before  # the input MODEL is untouched
+
+
+@pytest.mark.parametrize("name", DIRECT)
+def test_chains_with_an_existing_replace_patch(families, name):
+    from comfy.ldm.modules.attention import optimized_attention
+    from harmonizing_attention.nodes.patch import apply_plan, self_attention_blocks
+
+    model, context_dim = _ready(families, name)
+    seen = []
+
+    def other(q, k, v, extra_options):
+        seen.append(q.shape[0])
+        return optimized_attention(q, k, v * 2, extra_options["n_heads"])
+
+    other_model = model.clone()
+    blocks = self_attention_blocks(model)
+    for stage, block_id, index in blocks:
+        other_model.set_model_attn1_replace(other, stage, block_id, index)
+    layout = PairLayout(1, 1)
+    torch.manual_seed(7)
+    x = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, context_dim)
+    self_only = RowPlan(2, lambda layer: geometry_preserving_rules(layout, "self_only"))
+    assert torch.equal(_unet_out(apply_plan(other_model, self_only), x, context), _unet_out(other_model, x, context))
+    assert seen and set(seen) == {2}
+    mask = torch.ones(2, 64, 64)
+    ours = _unet_out(apply_plan(other_model, RowPlan(2, lambda layer: geometry_preserving_rules(layout), regions=mask)),
+                     x, context)
+    base = _unet_out(other_model, x, context)
+    assert torch.equal(ours[0], base[0])
+    assert not torch.allclose(ours[1], base[1])
+    registered = apply_plan(other_model, self_only).model_options["transformer_options"]["patches_replace"]["attn1"]
+    assert set(registered) == set(blocks)
+
+
+# ---------------------------------------------------------------- v-prediction through ComfyUI's model sampling
+
+
+def _closed_form(model, unet):
+    """A clone whose network output is unet(x_t, t) (here v) of the UNet's own input x_t and timestep t:
+    ComfyUI's model sampling still scales the input, maps sigma to t and turns v into x0."""
+
+    def network(executor, x, timesteps, *args, **kwargs):
+        t = timesteps.unique()
+        assert len(t) == 1, timesteps
+        return unet(x.double(), float(t)).to(x.dtype)
+
+    return _wrap(model, "ha-test-closed-form", network)
+
+
+def _sd2v(families):
+    import comfy.model_sampling
+
+    model = families["tiny-sd2v"][0]
+    assert isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)
+    return model, [[torch.zeros(1, 77, harness.TINY_CONTEXT_DIM), {}]]
+
+
+def test_v_prediction_schedule_is_diffusers_ddim(families):
+    """ComfyUI's SD2 sigmas are diffusers' scaled_linear alphas; ddim_uniform gives DDIM's timesteps."""
+    from diffusers import DDIMScheduler
+    from harmonizing_attention.nodes import pipeline
+
+    model, _ = _sd2v(families)
+    sched = _double(DDIMScheduler(**SD15, set_alpha_to_one=True, prediction_type="v_prediction"))
+    sched.set_timesteps(STEPS)
+    abar = sched.alphas_cumprod
+    comfy_sigmas = model.get_model_object("model_sampling").sigmas.double()
+    torch.testing.assert_close(comfy_sigmas, ((1 - abar) / abar).sqrt(), rtol=2e-5, atol=0)
+    expect = torch.cat([comfy_sigmas[sched.timesteps], torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(pipeline.schedule(model, STEPS).double(), expect, rtol=0, atol=0)
+
+
+def test_v_prediction_inversion_matches_diffusers(families):
+    """Our DDIM inversion through ComfyUI's sampler on a V_PREDICTION model = DDIMInverseScheduler(v)."""
+    from harmonizing_attention.nodes import pipeline
+
+    model, cond = _sd2v(families)
+    unet = _unet(4)
+    sched = _inverse_scheduler("v_prediction")
+    abar = sched.alphas_cumprod
+    sources, targets = _inverse_grid(sched)
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x_t, ref = x0 * abar[0].sqrt(), []
+    for src, t in zip(sources, targets, strict=True):
+        x_t = sched.step(unet(x_t, src), t, x_t).prev_sample
+        ref.append(x_t)
+
+    ours = []
+
+    def loop(denoise, x, s, callback):
+        def record(i, n, xs):
+            ours.append(xs.double() * abar[targets[i]].sqrt())
+            callback(i, n, xs)
+        return inversion.invert(denoise, x, s, iterations=1, callback=record)
+
+    sigmas = model.get_model_object("model_sampling").sigmas[[sources[0]] + targets]
+    scale = model.model.latent_format.scale_factor  # the sampler works on process_latent_in(latent)
+    out = pipeline._run(_closed_form(model, unet), loop, (x0 / scale).float(), sigmas, cond, cond, 1.0)
+    assert len(ours) == STEPS
+    for got, want in zip(ours, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double() * scale * abar[targets[-1]].sqrt(), ref[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_v_prediction_sampling_matches_diffusers(families):
+    """Our DDIM sampling over pipeline.schedule on a V_PREDICTION model = DDIMScheduler(v), down to x0."""
+    from diffusers import DDIMScheduler
+    from harmonizing_attention.nodes import pipeline
+
+    model, cond = _sd2v(families)
+    unet = _unet(2)
+    sched = _double(DDIMScheduler(**SD15, set_alpha_to_one=True, prediction_type="v_prediction"))
+    sched.set_timesteps(STEPS)
+    abar = sched.alphas_cumprod
+    timesteps = [int(t) for t in sched.timesteps]
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x, ref = x_T, []
+    for t in timesteps:
+        x = sched.step(unet(x, t), t, x, eta=0.0).prev_sample
+        ref.append(x)
+
+    scales = [abar[t].sqrt() for t in timesteps[1:]] + [torch.tensor(1.0, dtype=torch.float64)]
+    ours = []
+
+    def loop(denoise, x_, s, callback):
+        def record(i, n, xs):
+            ours.append(xs.double() * scales[i])
+            callback(i, n, xs)
+        return inversion.sample(denoise, x_, s, callback=record)
+
+    scale = model.model.latent_format.scale_factor
+    start = (x_T / abar[timesteps[0]].sqrt() / scale).float()
+    out = pipeline._run(_closed_form(model, unet), loop, start, pipeline.schedule(model, STEPS), cond, cond, 1.0)
+    assert len(ours) == STEPS
+    for got, want in zip(ours, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double() * scale, ref[-1], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- SDXL conditioning and end to end
+
+
+def _scene(size=64):
+    from harmonizing_attention.nodes.pipeline import Scene
+
+    gen = torch.Generator().manual_seed(9)
+    mask = torch.zeros(1, size, size)
+    mask[:, 16:40, 20:44] = 1
+    return Scene(source=torch.rand(1, size, size, 3, generator=gen), source_mask=mask,
+                 target=torch.rand(1, size, size, 3, generator=gen),
+                 geometry=torch.rand(1, size, size, 3, generator=gen), geometry_mask=mask.roll(8, -1))
+
+
+def test_sdxl_conditioning_reaches_the_unet_untouched(families):
+    """Pooled output and size conditioning (ADM input y) and the text context reach every UNet call of both
+    stages as ComfyUI builds them, next to the inpainting concat our pipeline adds: cond and uncond alike."""
+    from harmonizing_attention.nodes import pipeline
+
+    model, clip, vae = families["tiny-sdxl-inpaint"]
+    calls = []
+
+    def spy(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        calls.append((x.shape, list(transformer_options["cond_or_uncond"]), context.clone(), y.clone()))
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    spied = _wrap(model, "ha-test-spy", spy)
+    encoded = {}
+    for key, text, sizes in (("pos", "a wall", SDXL_SIZES), ("neg", "blurry", {"width": 512, "height": 512})):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        encoded[key] = ([[cond, {"pooled_output": pooled, **sizes}]], cond, model.model.encode_adm(
+            pooled_output=pooled, **sizes))
+    (positive, pos_ctx, pos_y), (negative, neg_ctx, neg_y) = encoded["pos"], encoded["neg"]
+    before = copy.deepcopy(positive)
+    inverted = pipeline.invert(spied, vae, positive, _scene(), steps=2, iterations=1, average_last=1,
+                               mode="texture_aligning")
+    inversion_calls = len(calls)
+    pipeline.generate(spied, positive, negative, pipeline.blend_latents(inverted, 0.0), cfg=2.0,
+                      mode="geometry_preserving")
+    assert inversion_calls == 2 and len(calls) > inversion_calls
+    for shape, chunks, context, y in calls:
+        assert shape[1] == 9  # the inpainting concat, 4 + 1 + 4 channels
+        rows = shape[0] // len(chunks)
+        for c, kind in enumerate(chunks):
+            ctx, adm = (pos_ctx, pos_y) if kind == 0 else (neg_ctx, neg_y)
+            sl = slice(c * rows, (c + 1) * rows)
+            torch.testing.assert_close(y[sl], adm.expand(rows, -1))
+            torch.testing.assert_close(context[sl], ctx.expand(rows, -1, -1))
+    assert {1} <= {kind for _, chunks, *_ in calls for kind in chunks}  # the uncond pass was seen
+    assert torch.equal(positive[0][0], before[0][0]) and positive[0][1].keys() == before[0][1].keys()
+
+
+@pytest.mark.parametrize("ckpt", ["tiny-sdxl", "tiny-sdxl-inpaint", "tiny-sd2v"])
+def test_geometry_transfer_end_to_end(families, ckpt):
+    out = harness.run_prompt(graph(ckpt=ckpt, steps=2, renoise_iterations=1))
+    latent, source = out["10"][0]["samples"], out["10"][1]["samples"]
+    assert latent.shape == source.shape == (1, 4, 8, 8)
+    assert torch.isfinite(latent).all() and torch.isfinite(out["11"][0]).all()
+    assert out["11"][0].shape == (1, 64, 64, 3)
+
+
+# ---------------------------------------------------------------- families the pack cannot patch
+
+
+def test_unsupported_family_fails_at_the_first_model_node(families):
+    from harmonizing_attention.nodes import validate
+    from harmonizing_attention.nodes.patch import UnsupportedModel
+
+    with pytest.raises(UnsupportedModel, match=r"this model is Flux \(a Flux diffusion model\), not a UNet"):
+        validate.unet(families["tiny-flux"][0])
+    prompt = graph(ckpt="tiny-flux")
+    with pytest.raises(harness.PromptError) as err:
+        harness.run_prompt(prompt)
+    text = str(err.value) + json.dumps(err.value.details, default=str)
+    assert "this model is Flux" in text and "SDXL" in text
+    assert "HA_TextureAligningInversion" in text  # the first node that receives the MODEL
+    no_attention = harness.tiny_model(transformer_depth=[0, 0], transformer_depth_output=[0, 0, 0, 0],
+                                      transformer_depth_middle=-1)
+    with pytest.raises(UnsupportedModel, match="this SD15 UNet .* has no SpatialTransformer self-attention block"):
+        validate.unet(no_attention)
+
+
+# ---------------------------------------------------------------- the shipped SDXL workflow
+
+
+def test_shipped_sdxl_workflow(families):
+    """The SDXL API twin with tiny SDXL swapped in. At its own 1024 x 1024 up to the colour shift (the 512 px
+    examples, the mask scaled along and kept binary); then whole, with ImageScale set to 64 px and 1 step
+    (a 1024 px VAE and UNet pass take minutes on this CPU)."""
+    prompt = shipped("geometry_transfer_sdxl_api.json", ckpt="tiny-sdxl")
+    scales = [node for node in prompt.values() if node["class_type"] == "ImageScale"]
+    assert len(scales) == 3 and all((n["inputs"]["width"], n["inputs"]["height"]) == (1024, 1024) for n in scales)
+    front = {k: v for k, v in prompt.items() if v["class_type"] not in (
+        "HA_TextureAligningInversion", "HA_LatentBlend", "HA_GeometryPreservingSampler", "VAEDecode", "SaveImage")}
+    out = harness.run_prompt(front)
+    geometry_mask, scene = out["6"][1], out["7"][1]
+    assert out["7"][0].shape == (1, 1024, 1024, 3) and geometry_mask.shape == (1, 1024, 1024)
+    assert set(scene.source_mask.unique().tolist()) == {0.0, 1.0}
+    assert scene.source.shape == scene.target.shape == (1, 1024, 1024, 3)
+
+    for node in scales:
+        node["inputs"].update(width=64, height=64)
+    out = harness.run_prompt(small(prompt, steps=1, iterations=1))
+    assert out["11"][0].shape == (1, 64, 64, 3) and torch.isfinite(out["11"][0]).all()
+
+
+def test_downscale_is_a_power_of_two_for_any_latent_size():
+    """patch._downscale: the UNet's halving rounds up, so the factor is a power of two for any latent size."""
+    from harmonizing_attention.nodes.patch import _downscale
+
+    assert _downscale((128, 128), (64, 64)) == 2 and _downscale((128, 128), (32, 32)) == 4
+    assert _downscale((13, 13), (7, 7)) == 2 and _downscale((13, 13), (4, 4)) == 4  # round(13 / 4) would be 3
+    assert _downscale((10, 13), (3, 4)) == 4 and _downscale((9, 9), (9, 9)) == 1
+    assert _downscale((5, 5), (3, 3)) == 2 and _downscale((5, 5), (2, 2)) == 4
+    assert Layer("input", _downscale((96, 64), (12, 8))).downscale == 8
