@@ -1,6 +1,6 @@
 """Cross-Image Attention (zero-shot appearance transfer) on a ComfyUI model, built on the pack's core:
 the same inversion (DDIM + ReNoise), attention patch (apply_plan with a RowPlan) and sampler driver
-(pipeline._run) as the geometry transfer, plus a CFGGuider subclass for the appearance guidance.
+(pipeline.run_sampler) as the geometry transfer, plus a CFGGuider subclass for the appearance guidance.
 
 Node IDs are workflow identity: never rename one.
 """
@@ -26,7 +26,7 @@ from ..attention.appearance import (
 from ..attention.roles import RowPlan
 from ..attention.tokens import latent_mask
 from . import pipeline, validate
-from .patch import _step as schedule_position
+from .patch import schedule_position
 from .patch import apply_plan, is_inpainting
 
 CATEGORY = "harmonizing_attention/appearance_transfer"
@@ -84,7 +84,7 @@ def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.
         latents = torch.cat([latents, latents[p:]])
         inpaint_masks = torch.cat([torch.zeros(2 * p, *images.shape[1:3]), torch.ones(p, *images.shape[1:3])])
         inpaint_latents = pipeline.masked_image_latents(vae, images, inpaint_masks)
-        positive = pipeline._with_inpaint(conditioning, inpaint_latents, inpaint_masks)
+        positive = pipeline.with_inpaint(conditioning, inpaint_latents, inpaint_masks)
 
     sigmas = generation_schedule(model, steps, denoise)
     up = sigmas.flip(0)
@@ -93,7 +93,7 @@ def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.
     def loop(denoise_, x, s, callback):
         return inversion.invert(denoise_, x, s, iterations=iterations, average_last=average_last, callback=callback)
 
-    z_t = pipeline._run(model, loop, latents, up, positive, positive, 1.0)
+    z_t = pipeline.run_sampler(model, loop, latents, up, positive, positive, 1.0)
     if inpaint_latents is None:
         z_t = torch.cat([z_t, z_t[p:]])
     return AppearanceInverted(latents=z_t, sigmas=sigmas, model_family=pipeline.model_family(model),
@@ -145,8 +145,8 @@ def generate(model, positive, negative, inverted: AppearanceInverted, cfg: float
     Returns latents (outputs, appearance reconstructions, structure reconstructions)."""
     layout = inverted.layout
     p = layout.pairs
-    positive = pipeline._with_inpaint(positive, inverted.inpaint_latents, inverted.inpaint_masks)
-    negative = pipeline._with_inpaint(negative, inverted.inpaint_latents, inverted.inpaint_masks)
+    positive = pipeline.with_inpaint(positive, inverted.inpaint_latents, inverted.inpaint_masks)
+    negative = pipeline.with_inpaint(negative, inverted.inpaint_latents, inverted.inpaint_masks)
     rules = CrossImageRules(layout, schedule)
     patched = apply_plan(model, RowPlan(layout.rows, rules, needs_step=True, contrast=contrast,
                                         contrast_clip=contrast_clip))
@@ -165,7 +165,7 @@ def generate(model, positive, negative, inverted: AppearanceInverted, cfg: float
             callback(i, total, x)
         return x
 
-    samples = pipeline._run(patched, loop, inverted.latents, inverted.sigmas, positive, negative, cfg,
+    samples = pipeline.run_sampler(patched, loop, inverted.latents, inverted.sigmas, positive, negative, cfg,
                             guider=CrossImageGuider(patched, rules))
     return samples[out], samples[app], samples[p:2 * p]
 

@@ -58,7 +58,7 @@ def _shift(refs: Refs, offset: int) -> Refs:
     return None if refs is None else tuple(Ref(r.row + offset, r.region_only) for r in refs)
 
 
-def _step(extra_options) -> float | None:
+def schedule_position(extra_options) -> float | None:
     """Position of the current sigma in the schedule being sampled, 0 .. 1 (exclusive)."""
     sigmas, schedule = extra_options.get("sigmas"), extra_options.get("sample_sigmas")
     if sigmas is None or schedule is None or len(schedule) < 2:
@@ -77,7 +77,7 @@ def _downscale(latent_hw, layer_hw) -> int:
     return d
 
 
-def _make_replace(plan: RowPlan, previous=None):
+def make_replace(plan: RowPlan, previous=None):
     def attn1_replace(q, k, v, extra_options):
         chunks = len(extra_options.get("cond_or_uncond", [0]))
         rows, rest = divmod(q.shape[0], chunks)
@@ -91,7 +91,7 @@ def _make_replace(plan: RowPlan, previous=None):
         layer = Layer(
             stage=extra_options["block"][0],
             downscale=_downscale(extra_options["original_shape"][-2:], (h, w)),
-            step=_step(extra_options) if plan.needs_step else None,
+            step=schedule_position(extra_options) if plan.needs_step else None,
         )
         rules = list(plan.rules(layer))
         rules = [_shift(rules[j], c * rows) for c in range(chunks) for j in range(rows)]
@@ -118,9 +118,9 @@ def apply_plan(model, plan: RowPlan):
     done = set()
     for stage, block_id, index in blocks:
         if (stage, block_id, index) in existing:
-            patched.set_model_attn1_replace(_make_replace(plan, existing[(stage, block_id, index)]),
+            patched.set_model_attn1_replace(make_replace(plan, existing[(stage, block_id, index)]),
                                             stage, block_id, index)
         elif (stage, block_id) not in done:
-            patched.set_model_attn1_replace(_make_replace(plan, existing.get((stage, block_id))), stage, block_id)
+            patched.set_model_attn1_replace(make_replace(plan, existing.get((stage, block_id))), stage, block_id)
             done.add((stage, block_id))
     return patched

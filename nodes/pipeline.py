@@ -77,7 +77,7 @@ def _row_masks(scene: Scene, rows: str) -> torch.Tensor:
     return torch.cat([scene.source_mask, scene.geometry_mask])[: layout.generation_rows]
 
 
-def _with_inpaint(conditioning, masked_latents: Optional[torch.Tensor], masks: torch.Tensor):
+def with_inpaint(conditioning, masked_latents: Optional[torch.Tensor], masks: torch.Tensor):
     """Per-row inpainting concat: each row gets its own mask and masked image (ComfyUI keeps per-row
     values whose batch equals the latent batch)."""
     if masked_latents is None:
@@ -114,7 +114,7 @@ def _sampler(loop):
     return comfy.samplers.KSAMPLER(sampler_function)
 
 
-def _run(model, loop, latents, sigmas, positive, negative, cfg, guider=None):
+def run_sampler(model, loop, latents, sigmas, positive, negative, cfg, guider=None):
     """Run `loop` as a ComfyUI sampler from `latents` (no noise added), exactly as SamplerCustom would.
     `guider`: a comfy.samplers.CFGGuider subclass over `model`; default ComfyUI's plain CFGGuider."""
     guider = guider or comfy.samplers.CFGGuider(model)
@@ -136,7 +136,7 @@ def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, 
     inpaint_latents = None
     if is_inpainting(model):
         inpaint_latents = masked_image_latents(vae, images, masks)
-    positive = _with_inpaint(conditioning, inpaint_latents, masks)
+    positive = with_inpaint(conditioning, inpaint_latents, masks)
     rules = texture_aligning_rules(layout, mode)
     patched = apply_plan(model, RowPlan(layout.inversion_rows, lambda layer: rules))
 
@@ -147,7 +147,7 @@ def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, 
     def loop(denoise, x, s, callback):
         return inversion.invert(denoise, x, s, iterations=iterations, average_last=average_last, callback=callback)
 
-    z_t = _run(patched, loop, latents, up, positive, positive, 1.0)
+    z_t = run_sampler(patched, loop, latents, up, positive, positive, 1.0)
     return Inverted(scene=scene, latents=z_t, sigmas=sigmas, model_family=model_family(model),
                     inpaint_latents=inpaint_latents)
 
@@ -169,13 +169,13 @@ def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: st
     x = torch.cat([inverted.latents[: layout.sources], inverted.blended])
     masks = _row_masks(inverted.scene, "generation")
     inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:rows]
-    positive = _with_inpaint(positive, inpaint, masks)
-    negative = _with_inpaint(negative, inpaint, masks)
+    positive = with_inpaint(positive, inpaint, masks)
+    negative = with_inpaint(negative, inpaint, masks)
     rules = geometry_preserving_rules(layout, mode)
     patched = apply_plan(model, RowPlan(rows, lambda layer: rules, regions=masks))
 
     def loop(denoise, x_, s, callback):
         return inversion.sample(denoise, x_, s, callback=callback)
 
-    samples = _run(patched, loop, x, inverted.sigmas, positive, negative, cfg)
+    samples = run_sampler(patched, loop, x, inverted.sigmas, positive, negative, cfg)
     return samples[layout.sources:], samples[: layout.sources]

@@ -129,7 +129,7 @@ def _recorded_attn1_calls(model, x, context, transformer_options=None):
 
 
 def test_patch_equals_reference_at_every_block_resolution(tiny):
-    from harmonizing_attention.nodes.patch import _make_replace
+    from harmonizing_attention.nodes.patch import make_replace
 
     model = tiny["tiny"][0]
     layout = PairLayout(1, 1)
@@ -142,7 +142,7 @@ def test_patch_equals_reference_at_every_block_resolution(tiny):
     calls = _recorded_attn1_calls(model, x, context)
     resolutions = {tuple(extra["activations_shape"][-2:]) for *_, extra in calls}
     assert resolutions == {(16, 16), (8, 8)}  # the tiny UNet's two levels
-    replace = _make_replace(plan)
+    replace = make_replace(plan)
     for q, k, v, extra in calls:
         h, w = extra["activations_shape"][-2:]
         src_tokens = region_tokens(mask[:1], h, w)[0]
@@ -153,7 +153,7 @@ def test_patch_equals_reference_at_every_block_resolution(tiny):
 
 def test_cond_uncond_chunks_map_rows_to_roles(tiny):
     """With cond and uncond batched ([uncond rows, cond rows]), each chunk follows the plan on its own."""
-    from harmonizing_attention.nodes.patch import _make_replace
+    from harmonizing_attention.nodes.patch import make_replace
 
     model = tiny["tiny"][0]
     layout = PairLayout(1, 1)
@@ -161,7 +161,7 @@ def test_cond_uncond_chunks_map_rows_to_roles(tiny):
     x = torch.randn(2 * layout.inversion_rows, 4, 8, 8)
     context = torch.randn(2 * layout.inversion_rows, 77, 32)
     calls = _recorded_attn1_calls(model, x, context, {"cond_or_uncond": [1, 0]})
-    replace = _make_replace(RowPlan(layout.inversion_rows, lambda layer: texture_aligning_rules(layout)))
+    replace = make_replace(RowPlan(layout.inversion_rows, lambda layer: texture_aligning_rules(layout)))
     rows = layout.inversion_rows
     for q, k, v, extra in calls:
         both = replace(q, k, v, extra)

@@ -168,7 +168,7 @@ def test_patch_on_recorded_qkv_follows_windows_and_resolutions(tiny):
     steps: inside a window, decoder, finest two resolutions -> contrast attention on the appearance keys;
     everywhere else exactly the host's plain attention."""
     from comfy.ldm.modules.attention import optimized_attention
-    from harmonizing_attention.nodes.patch import _make_replace
+    from harmonizing_attention.nodes.patch import make_replace
     from test_attention import _recorded_attn1_calls
 
     torch.manual_seed(3)
@@ -180,7 +180,7 @@ def test_patch_on_recorded_qkv_follows_windows_and_resolutions(tiny):
     steps = 20
     sigmas = torch.linspace(10.0, 0.0, steps + 1)
     schedule = paper_schedule(steps=steps, windows={1: (0.1, 0.9), 2: (0.1, 0.5)})
-    replace = _make_replace(RowPlan(LAYOUT.rows, CrossImageRules(LAYOUT, schedule), needs_step=True, contrast=1.67))
+    replace = make_replace(RowPlan(LAYOUT.rows, CrossImageRules(LAYOUT, schedule), needs_step=True, contrast=1.67))
     checked = {"cross": 0, "struct": 0, "plain": 0}
     for q, k, v, extra in calls:
         downscale = 16 // extra["activations_shape"][-1]
@@ -203,7 +203,7 @@ def test_patch_on_recorded_qkv_follows_windows_and_resolutions(tiny):
 # ---------------------------------------------------------------- the guider through ComfyUI's sampler
 
 def _predictions(model, latents, sigmas, positive, guider=None, plain_model=None):
-    """x0 predictions at every sigma of `sigmas` for fixed `latents`, through pipeline._run (and a guider)."""
+    """x0 predictions at every sigma of `sigmas` for fixed `latents`, through pipeline.run_sampler (and a guider)."""
     from harmonizing_attention.nodes import pipeline
 
     seen = []
@@ -213,7 +213,7 @@ def _predictions(model, latents, sigmas, positive, guider=None, plain_model=None
             seen.append(denoise(x, s[i]).clone())
         return x
 
-    pipeline._run(model, loop, latents, sigmas, positive, positive, 1.0, guider=guider)
+    pipeline.run_sampler(model, loop, latents, sigmas, positive, positive, 1.0, guider=guider)
     return seen
 
 
@@ -273,7 +273,7 @@ def test_generate_alpha_zero_without_adain_is_the_plain_model_and_adain_matches_
     steps = len(sigmas) - 1  # ddim_uniform gives 7 steps for 6 (1000 // 6 does not divide 1000)
     inverted = appearance.AppearanceInverted(latents=latents, sigmas=sigmas, model_family=pipeline.model_family(model),
                                              image_size=(128, 128))
-    plain = pipeline._run(model, lambda d, x, s, cb: inversion.sample(d, x, s, callback=cb), latents, sigmas,
+    plain = pipeline.run_sampler(model, lambda d, x, s, cb: inversion.sample(d, x, s, callback=cb), latents, sigmas,
                           positive, positive, 1.0)
     off = paper_schedule(steps=steps, alpha=0.0, adain=(0.0, 0.0))
     out, app, struct = appearance.generate(model, positive, positive, inverted, 1.0, off, 1.67, False)

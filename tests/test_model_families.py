@@ -124,7 +124,7 @@ def test_layers_map_by_resolution_and_stage(families, name, latent, expected):
 
 @pytest.mark.parametrize("name", DIRECT)
 def test_patch_equals_reference_at_every_block_resolution(families, name):
-    from harmonizing_attention.nodes.patch import _make_replace
+    from harmonizing_attention.nodes.patch import make_replace
 
     model, context_dim = _ready(families, name)
     layout = PairLayout(1, 1)
@@ -138,7 +138,7 @@ def test_patch_equals_reference_at_every_block_resolution(families, name):
     resolutions = {tuple(extra["activations_shape"][-2:]) for *_, extra in calls}
     assert resolutions == ({(8, 8), (4, 4)} if name == "tiny-sdxl" else {(16, 16), (8, 8)})
     assert len(calls) == (70 if name == "tiny-sdxl" else 7)
-    replace = _make_replace(plan)
+    replace = make_replace(plan)
     for q, k, v, extra in calls:
         h, w = extra["activations_shape"][-2:]
         src_tokens = region_tokens(mask[:1], h, w)[0]
@@ -152,7 +152,7 @@ def test_patch_equals_reference_at_every_block_resolution(families, name):
 
 @pytest.mark.parametrize("name", DIRECT)
 def test_cond_uncond_chunks_map_rows_to_roles(families, name):
-    from harmonizing_attention.nodes.patch import _make_replace
+    from harmonizing_attention.nodes.patch import make_replace
 
     model, context_dim = _ready(families, name)
     layout = PairLayout(1, 1)
@@ -160,7 +160,7 @@ def test_cond_uncond_chunks_map_rows_to_roles(families, name):
     x = torch.randn(2 * layout.inversion_rows, 4, 8, 8)
     context = torch.randn(2 * layout.inversion_rows, 77, context_dim)
     calls = _recorded_attn1_calls(model, x, context, {"cond_or_uncond": [1, 0]})
-    replace = _make_replace(RowPlan(layout.inversion_rows, lambda layer: texture_aligning_rules(layout)))
+    replace = make_replace(RowPlan(layout.inversion_rows, lambda layer: texture_aligning_rules(layout)))
     rows = layout.inversion_rows
     for q, k, v, extra in calls:
         both = replace(q, k, v, extra)
@@ -291,7 +291,7 @@ def test_v_prediction_inversion_matches_diffusers(families):
 
     sigmas = model.get_model_object("model_sampling").sigmas[[sources[0]] + targets]
     scale = model.model.latent_format.scale_factor  # the sampler works on process_latent_in(latent)
-    out = pipeline._run(_closed_form(model, unet), loop, (x0 / scale).float(), sigmas, cond, cond, 1.0)
+    out = pipeline.run_sampler(_closed_form(model, unet), loop, (x0 / scale).float(), sigmas, cond, cond, 1.0)
     assert len(ours) == STEPS
     for got, want in zip(ours, ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -326,7 +326,7 @@ def test_v_prediction_sampling_matches_diffusers(families):
 
     scale = model.model.latent_format.scale_factor
     start = (x_T / abar[timesteps[0]].sqrt() / scale).float()
-    out = pipeline._run(_closed_form(model, unet), loop, start, pipeline.schedule(model, STEPS), cond, cond, 1.0)
+    out = pipeline.run_sampler(_closed_form(model, unet), loop, start, pipeline.schedule(model, STEPS), cond, cond, 1.0)
     assert len(ours) == STEPS
     for got, want in zip(ours, ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
