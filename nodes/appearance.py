@@ -25,7 +25,7 @@ from ..attention.appearance import (
 )
 from ..attention.roles import RowPlan
 from ..attention.tokens import latent_mask
-from . import pipeline, validate
+from . import pipeline, renoise, validate
 from .patch import schedule_position
 from .patch import apply_plan, is_inpainting
 
@@ -199,11 +199,7 @@ class AppearanceInversion(io.ComfyNode):
                                tooltip="Fraction of the noise schedule inverted and regenerated (as KSampler's "
                                        "denoise). 1: from pure noise (paper's text). The official code starts 32 "
                                        "of 100 steps in: 0.68."),
-                io.Int.Input("renoise_iterations", default=5, min=1, max=50,
-                             tooltip="Model evaluations per inversion step. 1 is plain DDIM inversion; more "
-                                     "refine each step towards its implicit fixed point (ReNoise)."),
-                io.Int.Input("renoise_average", default=1, min=1, max=50,
-                             tooltip="Average the noise estimates of this many last iterations (1: no averaging)."),
+                *renoise.inputs(""),
             ],
             outputs=[AppearanceInvertedType.Output(display_name="inverted",
                                                    tooltip="Inverted latents of both images with their schedule.")],
@@ -211,17 +207,7 @@ class AppearanceInversion(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, renoise_iterations=None, renoise_average=None):
-        # Only these two are declared: ComfyUI skips its own min / max checks for the inputs named here
-        # (and for every input if there were a **kwargs), so they are checked here.
-        if renoise_iterations is None or renoise_average is None:  # linked inputs: checked in execute
-            return True
-        for name, value in (("renoise_iterations", renoise_iterations), ("renoise_average", renoise_average)):
-            if not 1 <= value <= 50:
-                return f"{name} is {value}: use a value from 1 to 50"
-        if renoise_average > renoise_iterations:
-            return (f"renoise_average is {renoise_average} but renoise_iterations is {renoise_iterations}: "
-                    "it averages among the iterations, so set it to at most renoise_iterations")
-        return True
+        return renoise.validate_inputs(renoise_iterations, renoise_average)
 
     @classmethod
     def execute(cls, model, vae, conditioning, structure, appearance, steps, denoise, renoise_iterations,
@@ -235,8 +221,7 @@ class AppearanceInversion(io.ComfyNode):
                            "(ImageScale)")
         validate.batches("structure", structure.shape[0], "appearance", appearance.shape[0])
         validate.latent_size("structure", structure)
-        if renoise_average > renoise_iterations:
-            raise ValueError(f"renoise_average {renoise_average} > renoise_iterations {renoise_iterations}")
+        renoise.check(renoise_iterations, renoise_average)
         return io.NodeOutput(invert(model, vae, conditioning, structure, appearance, steps, denoise,
                                     renoise_iterations, renoise_average))
 

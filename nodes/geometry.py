@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..attention import color, edit
 from ..attention.roles import GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES
-from . import pipeline, validate
+from . import pipeline, renoise, validate
 from .pipeline import Inverted, Scene
 
 CATEGORY = "harmonizing_attention/geometry_transfer"
@@ -132,11 +132,7 @@ class TextureAligningInversion(io.ComfyNode):
                                               "CLIPTextEncode. Inpainting inputs are added per row by this node."),
                 SceneType.Input("scene"),
                 io.Int.Input("steps", default=25, min=1, max=1000, tooltip="DDIM steps (paper: 25). The sampler reuses them."),
-                io.Int.Input("renoise_iterations", default=5, min=1, max=50,
-                             tooltip="Model evaluations per inversion step (paper: 5). 1 is plain DDIM inversion; "
-                                     "more refine each step towards its implicit fixed point (ReNoise)."),
-                io.Int.Input("renoise_average", default=1, min=1, max=50,
-                             tooltip="Average the noise estimates of this many last iterations (1: no averaging)."),
+                *renoise.inputs(" (paper: 5)"),
                 io.Combo.Input("attention", options=list(TEXTURE_ALIGNING_MODES), default="texture_aligning",
                                tooltip="texture_aligning: [K_geo; K_tar] (eq. 3). geometry_only: plain self-attention. "
                                        "target_only: K_tar only (the paper's ablation 4.6.2)."),
@@ -145,11 +141,8 @@ class TextureAligningInversion(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps, renoise_iterations, renoise_average, **kwargs):
-        if renoise_average > renoise_iterations:
-            return (f"renoise_average is {renoise_average} but renoise_iterations is {renoise_iterations}: "
-                    "it averages among the iterations, so set it to at most renoise_iterations")
-        return True
+    def validate_inputs(cls, renoise_iterations=None, renoise_average=None):
+        return renoise.validate_inputs(renoise_iterations, renoise_average)
 
     @classmethod
     def execute(cls, model, vae, conditioning, scene: Scene, steps, renoise_iterations, renoise_average,
@@ -160,8 +153,7 @@ class TextureAligningInversion(io.ComfyNode):
                            "source and target are inverted in one batch: scale the source to the target's size "
                            "(ImageScale) before HA_GeometryImageEdit")
         validate.latent_size("target", scene.target)
-        if renoise_average > renoise_iterations:
-            raise ValueError(f"renoise_average {renoise_average} > renoise_iterations {renoise_iterations}")
+        renoise.check(renoise_iterations, renoise_average)
         return io.NodeOutput(pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations,
                                              renoise_average, attention))
 

@@ -80,3 +80,16 @@ def families(tiny):
     }
     tiny.update(models)  # the dict HATest_TinyCheckpoint reads
     return models
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Torch on one intra-op thread for the module: the tiny models' ops are far below the size where threads
+    pay, and on a loaded CPU each op's thread barrier costs ~10 ms (a tiny graph: 6-10 s on 2 threads with
+    other work running, 0.15 s on 1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

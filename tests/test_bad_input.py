@@ -1,0 +1,184 @@
+"""Bad input across every node, through ComfyUI's executor: each case ends in ComfyUI's normal error report
+(a validation error or an execution_error from the node) whose message names the values and the fix, or,
+where the input is odd but meaningful, in a clean run. Nothing is written outside ComfyUI's folders.
+
+(test_pipeline.py holds further cases: empty mask, shift off the canvas, mask/image size mismatch,
+steps 0, renoise_average > iterations, sizes not multiple of 8, prebuilt inpainting conditioning,
+unblended inversion, model mismatch; test_app_server.py the same through the HTTP server.)
+"""
+import json
+from pathlib import Path
+
+import harness
+import pytest
+import torch
+from test_pipeline import graph
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def bad_nodes(tiny):
+    """HATest_BadImage / HATest_BadMask: images and masks no well-behaved node produces, and an 8-channel UNet."""
+    from comfy_api.latest import io
+
+    import nodes
+
+    class BadImage(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="HATest_BadImage", category="_for_testing",
+                             inputs=[io.String.Input("kind"), io.Int.Input("size"), io.Int.Input("batch")],
+                             outputs=[io.Image.Output()])
+
+        @classmethod
+        def execute(cls, kind, size, batch):
+            img = harness.make_image("checker", size, size).repeat(batch, 1, 1, 1)
+            if kind == "nan":
+                img[:, 3, 3] = float("nan")
+            elif kind == "inf":
+                img[:, 0, 0, 1] = float("inf")
+            elif kind == "rgba":
+                img = torch.cat([img, torch.ones_like(img[..., :1])], -1)
+            elif kind == "gray":
+                img = img[..., :1]
+            elif kind == "noise":
+                img = harness.make_image("noise:3", size, size).repeat(batch, 1, 1, 1)
+            return io.NodeOutput(img)
+
+    class BadMask(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="HATest_BadMask", category="_for_testing",
+                             inputs=[io.String.Input("kind"), io.Int.Input("size"), io.Int.Input("batch")],
+                             outputs=[io.Mask.Output()])
+
+        @classmethod
+        def execute(cls, kind, size, batch):
+            m = torch.zeros(batch, size, size)
+            m[:, size // 4: size // 2, size // 4: size // 2] = 1.0
+            if kind == "full":
+                m = torch.ones(batch, size, size)
+            elif kind == "noise":
+                m = torch.rand(batch, size, size, generator=torch.Generator().manual_seed(0))
+            elif kind == "nan":
+                m[:, 1, 1] = float("nan")
+            elif kind == "out_of_range":
+                m = m * 7.0 - 3.0
+            elif kind == "corner":
+                m = torch.zeros(batch, size, size)
+                m[:, :4, :4] = 1.0
+            elif kind == "pixel":
+                m = torch.zeros(batch, size, size)
+                m[:, 20, 20] = 1.0
+            return io.NodeOutput(m)
+
+    for cls in (BadImage, BadMask):
+        nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
+    _, clip, vae = tiny["tiny"]
+    tiny["tiny-8ch"] = (harness.tiny_model(in_channels=8, seed=4), clip, vae)
+    tiny["tiny-flux-bad"] = (harness.tiny_flux(seed=6), clip, vae)  # a family the pack cannot patch
+    return True
+
+
+def image(prompt, node_id, kind, size=64, batch=1):
+    prompt[node_id] = {"class_type": "HATest_BadImage", "inputs": {"kind": kind, "size": size, "batch": batch}}
+
+
+def mask(prompt, kind, size=64, batch=1):
+    prompt["15"] = {"class_type": "HATest_BadMask", "inputs": {"kind": kind, "size": size, "batch": batch}}
+
+
+def widget(node_id, **values):
+    return lambda p: p[node_id]["inputs"].update(values)
+
+
+def both(*fns):
+    def apply(p):
+        for fn in fns:
+            fn(p)
+    return apply
+
+
+# (id, change to the graph, expected: list of substrings of the error report, or "ok" for a clean run)
+CASES = [
+    # --- HA_GeometryImageEdit: images and masks
+    ("source_nan", lambda p: image(p, "3", "nan"), ["source contains NaN", "fix the node that produced it"]),
+    ("target_inf", lambda p: image(p, "5", "inf"), ["target contains NaN or infinite", "fix the node"]),
+    ("mask_nan", lambda p: mask(p, "nan"), ["source_mask contains NaN", "fix the node"]),
+    ("source_one_channel", lambda p: image(p, "3", "gray"),
+     ["source has shape (1, 64, 64, 1)", "[batch, height, width, 3]"]),
+    ("mask_full", lambda p: mask(p, "full"),
+     ["source mask covers the whole 64x64", "leave some of the image unmasked"]),
+    ("mask_noise", lambda p: mask(p, "noise"), "ok"),
+    ("mask_values_out_of_range", lambda p: mask(p, "out_of_range"), "ok"),
+    ("source_rgba", lambda p: image(p, "3", "rgba"), "ok"),
+    ("mask_wrong_size", lambda p: mask(p, "box", size=32),
+     ["source_mask is 32x32", "source is 64x64", "resize the mask"]),
+    ("mask_batch_3_source_batch_2", both(lambda p: mask(p, "box", batch=3), lambda p: image(p, "3", "noise", batch=2)),
+     ["source_mask has a batch of 3 but source has 2", "the same count"]),
+    ("source_batch_2_target_batch_3", both(lambda p: image(p, "3", "noise", batch=2),
+                                           lambda p: image(p, "5", "noise", batch=3),
+                                           lambda p: mask(p, "box", batch=2)),
+     ["source has a batch of 2 but target has 3"]),
+    ("shift_up_off_canvas", widget("6", shift_y=-5000.0), ["-5000", "canvas"]),
+    ("corner_shifted_off_canvas", both(lambda p: mask(p, "corner"), widget("6", rotation=45.0, shift_x=-40.0)),
+     ["falls entirely outside the target canvas", "(-38.5, 1.5)", "set shift_x to -1.5"]),
+    ("corner_rotated_half_off", both(lambda p: mask(p, "corner"), widget("6", rotation=45.0, shift_x=-2.0)), "ok"),
+    ("one_pixel_mask_scaled_down", both(lambda p: mask(p, "pixel"), widget("6", scale=0.05)), "ok"),
+    ("scaled_over_the_whole_canvas", widget("6", scale=8.0), ["geometry mask covers the whole 64x64", "unmasked"]),
+    ("source_and_target_sizes_differ", both(lambda p: image(p, "5", "noise", size=96)),
+     ["source is 64x64 (WxH) but target is 96x96", "ImageScale"]),
+    ("image_too_small", both(lambda p: image(p, "3", "noise", size=8), lambda p: image(p, "5", "noise", size=8),
+                             lambda p: mask(p, "full", size=8)), ["8x8"]),
+    # --- widget values through the API, refused at validation by ComfyUI's own checks
+    # (V3 combos reach the node unchecked in ComfyUI 0.3.64: the nodes check their own options)
+    ("color_mode_garbage", widget("7", mode="sharpen"), ["colour mode 'sharpen': choose one of", "mean_shift"]),
+    ("color_strength_too_big", widget("7", strength=5.0), ["bigger than max", "strength"]),
+    ("ring_width_zero", widget("7", ring_width=0), ["smaller than min", "ring_width"]),
+    ("steps_huge", widget("8", steps=100000), ["Value 100000 bigger than max of 1000", "steps"]),
+    ("steps_not_a_number", widget("8", steps="twenty"), ["steps", "twenty"]),
+    ("renoise_iterations_zero", widget("8", renoise_iterations=0), ["renoise_iterations is 0", "1 to 50"]),
+    ("inversion_attention_garbage", widget("8", attention="cross"),
+     ["mode 'cross': choose one of", "texture_aligning"]),
+    ("feather_huge", widget("9", feather=1000.0), ["bigger than max", "feather"]),
+    ("cfg_negative", widget("10", cfg=-1.0), ["smaller than min", "cfg"]),
+    ("sampler_attention_garbage", widget("10", attention=3), ["mode 3: choose one of", "geometry_preserving"]),
+    # --- wrong connections and models
+    ("image_into_scene_socket", lambda p: p["9"]["inputs"].update(inverted=["5", 0]),
+     ["Return type mismatch", "inverted"]),
+    ("clip_into_model_socket", lambda p: p["8"]["inputs"].update(model=["1", 1]), ["Return type mismatch", "model"]),
+    ("missing_scene", lambda p: p["7"]["inputs"].pop("scene"), ["Required input is missing", "scene"]),
+    ("flux_model", lambda p: p["1"]["inputs"].update(ckpt_name="tiny-flux-bad"),
+     ["not a UNet", "SD1.x / SD2.x / SDXL"]),
+    ("eight_channel_unet", lambda p: p["1"]["inputs"].update(ckpt_name="tiny-8ch"), ["8 input channels", "inpainting"]),
+    # --- odd but meaningful: runs cleanly
+    ("one_step", widget("8", steps=1), "ok"),
+    ("cfg_high", widget("10", cfg=30.0), "ok"),
+    ("feather_max_on_small_latent", widget("9", feather=16.0), "ok"),
+]
+
+
+@pytest.mark.parametrize("change, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(bad_nodes, tiny, change, expected, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.chdir(tmp_path)  # a node writing to a relative path would land here
+    roots = {name: Path(getattr(folder_paths, f"get_{name}_directory")())
+             for name in ("output", "temp", "input", "user")}
+    before = {p for root in roots.values() for p in root.rglob("*")}
+    prompt = graph(steps=2, renoise_iterations=1)
+    change(prompt)
+    if expected == "ok":
+        out = harness.run_prompt(prompt)
+        assert torch.isfinite(out["11"][0]).all()
+    else:
+        with pytest.raises(harness.PromptError) as err:
+            harness.run_prompt(prompt)
+        report = str(err.value) + " " + json.dumps(err.value.details, default=str)
+        for text in expected:
+            assert text in report, f"{text!r} not in the report: {report[:1500]}"
+        assert "Traceback" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+    new = {p for root in roots.values() for p in root.rglob("*")} - before
+    assert all(roots["output"] in p.parents or roots["temp"] in p.parents for p in new), new
