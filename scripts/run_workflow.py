@@ -1,10 +1,10 @@
 """Run a shipped workflow headlessly (no server, no browser) and write its output images.
 
     python scripts/run_workflow.py --ckpt sd-v1-5-inpainting.safetensors
-    python scripts/run_workflow.py --workflow workflows/appearance_transfer_api.json --ckpt /path/model.safetensors
+    python scripts/run_workflow.py --workflow workflows/api/appearance_transfer.json --ckpt /path/model.safetensors
     python scripts/run_workflow.py --set 8.steps=10 --set 6.shift_x=40
 
-The images the workflow loads are read from the pack's examples/ folder (or --input-dir); results go
+The images the workflow loads are read from the pack's example_images/ folder (or --input-dir); results go
 to ComfyUI's output folder (or --output-dir). Set-up on a fresh machine: `bash scripts/run.sh ...`.
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ def _value(text: str):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workflow", default=str(PACK / "workflows" / "geometry_transfer_api.json"),
+    p.add_argument("--workflow", default=str(PACK / "workflows" / "api" / "geometry_transfer.json"),
                    help="an API-format workflow (default: the geometry transfer)")
     p.add_argument("--ckpt", help="checkpoint: a file name in ComfyUI's models/checkpoints, or a path to a "
                                   ".safetensors file (default: the workflow's own)")
-    p.add_argument("--input-dir", default=str(PACK / "examples"), help="folder of the images the workflow loads")
+    p.add_argument("--input-dir", default=str(PACK / "example_images"), help="folder of the images the workflow loads")
     p.add_argument("--output-dir", help="where images are saved (default: ComfyUI's output folder)")
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="override a widget value, e.g. 8.steps=10 (JSON values; repeatable)")

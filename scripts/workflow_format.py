@@ -1,6 +1,6 @@
 """Convert between ComfyUI's API-format prompts and UI-format workflows (what the app saves/loads).
 
-The shipped `workflows/*_api.json` are the source; `python scripts/workflow_format.py` rewrites each
+The shipped `workflows/api/*.json` are the source; `python scripts/workflow_format.py` rewrites each
 UI twin `workflows/*.json` from it, laid out left to right by dependency depth. The tests convert
 the UI files back and require the API twin, so the two never drift.
 """
@@ -115,9 +115,9 @@ def main() -> None:
     comfy_runtime.start(cpu=True)
     import nodes
 
-    for api_file in sorted((comfy_runtime.PACK_ROOT / "workflows").glob("*_api.json")):
+    for api_file in sorted((comfy_runtime.PACK_ROOT / "workflows").glob("api/*.json")):
         ui = api_to_ui(json.loads(api_file.read_text()), nodes.NODE_CLASS_MAPPINGS)
-        ui_file = api_file.with_name(api_file.name.replace("_api.json", ".json"))
+        ui_file = api_file.parent.parent / api_file.name
         ui_file.write_text(json.dumps(ui, indent=1) + "\n")
         print(f"wrote {ui_file}")
 

@@ -101,7 +101,7 @@ def tiny_checkpoint(in_channels: int = 9) -> Path:
 
 def shipped_checkpoint_names() -> set[str]:
     names = set()
-    for path in (PACK_ROOT / "workflows").glob("*_api.json"):
+    for path in (PACK_ROOT / "workflows").glob("api/*.json"):
         for node in json.loads(path.read_text()).values():
             if node["class_type"] == "CheckpointLoaderSimple":
                 names.add(node["inputs"]["ckpt_name"])
@@ -135,7 +135,7 @@ def small_examples(folder: Path, size: int = 64) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    for image in (PACK_ROOT / "examples").glob("*.png"):
+    for image in (PACK_ROOT / "example_images").glob("*.png"):
         with Image.open(image) as im:
             resample = Image.NEAREST if "mask" in image.name else Image.LANCZOS
             im.resize((size, size), resample).save(folder / image.name)

@@ -17,7 +17,7 @@ from comfy_server import error_of
 pytestmark = [pytest.mark.app, pytest.mark.browser]
 
 WORKFLOWS = comfy_server.PACK_ROOT / "workflows"
-UI_WORKFLOWS = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 SCREENSHOT = comfy_server.PACK_ROOT / "docs" / "geometry_transfer_workflow.png"
 CHROMIUM = os.environ.get("HA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -169,7 +169,7 @@ def run_from_ui(page, app_server, save_node: int, timeout: float = 180.0) -> Pat
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
 def test_shipped_workflow_loads_and_runs_from_the_ui(browser_page, app_server, path):
     """Dropped as a file: every node known, no error marks or dialogs, every widget value where the file put
-    it, the app's own API conversion equal to the shipped *_api.json twin; then Run shows the output image."""
+    it, the app's own API conversion equal to the shipped workflows/api/ twin; then Run shows the output image."""
     page = browser_page
     ui = json.loads(path.read_text())
     state = drop_workflow(page, path)
@@ -180,7 +180,7 @@ def test_shipped_workflow_loads_and_runs_from_the_ui(browser_page, app_server, p
     loaded = {n["id"]: n.get("widgets_values") for n in serialized["nodes"]}
     for node in ui["nodes"]:
         assert loaded[node["id"]] == node["widgets_values"], f"node {node['id']} ({node['type']}): widget values moved"
-    twin = path.with_name(path.stem + "_api.json")
+    twin = path.parent / "api" / path.name
     api = json.loads(twin.read_text()) if twin.exists() else None
     if api is not None:
         assert api_prompt(page) == api, "the app converts the UI workflow differently from its API twin"
@@ -219,7 +219,7 @@ def test_bypassing_color_shift_in_the_ui_removes_its_effect(browser_page, app_se
     page = browser_page
     path = WORKFLOWS / "geometry_transfer.json"
     drop_workflow(page, path, name="geometry_transfer_bypass.json")
-    api = json.loads(path.with_name("geometry_transfer_api.json").read_text())
+    api = json.loads((path.parent / "api" / "geometry_transfer.json").read_text())
     color = next(k for k, n in api.items() if n["class_type"] == "HA_ColorShift")
     inversion = next(k for k, n in api.items() if n["class_type"] == "HA_TextureAligningInversion")
     save = next(k for k, n in api.items() if n["class_type"] == "SaveImage")

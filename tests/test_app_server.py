@@ -61,12 +61,12 @@ def forget_cache(server) -> None:
 
 
 def test_shipped_api_workflows_run_with_checkpoint_loader(app_server):
-    """Each shipped *_api.json as it is (CheckpointLoaderSimple, LoadImage of the example names, SaveImage),
+    """Each shipped workflows/api/*.json as it is (CheckpointLoaderSimple, LoadImage of the example names, SaveImage),
     only with fewer steps: the tiny checkpoint is detected as SD1.5 and the output image is written."""
     from PIL import Image
 
     ran = 0
-    for path in sorted(WORKFLOWS.glob("*_api.json")):
+    for path in sorted(WORKFLOWS.glob("api/*.json")):
         prompt = json.loads(path.read_text())
         if not comfy_server.runnable(app_server.base, prompt):
             continue  # an SDXL workflow: no tiny SDXL checkpoint can be built (see comfy_server.shipped_checkpoints)
@@ -88,7 +88,7 @@ def test_shipped_api_workflows_run_with_checkpoint_loader(app_server):
 def test_sdxl_workflow_runs_with_a_tiny_sdxl_model(app_server):
     """The shipped SDXL workflows (CLIPTextEncodeSDXL, ImageScale...) as they are, with the checkpoint loader
     swapped for the test pack's tiny SDXL (no SDXL checkpoint small enough to write exists)."""
-    paths = [p for p in sorted(WORKFLOWS.glob("*_api.json")) if not comfy_server.runnable(app_server.base,
+    paths = [p for p in sorted(WORKFLOWS.glob("api/*.json")) if not comfy_server.runnable(app_server.base,
                                                                                            json.loads(p.read_text()))]
     if not paths:
         pytest.skip("no shipped SDXL workflow")
@@ -157,7 +157,7 @@ def test_plain_ksampler_unchanged_after_pack_nodes(app_server):
     fresh = app_server.reference
     entry = app_server.run(graph(source="noise:5", ckpt="tiny", steps=2, renoise_iterations=1))
     assert error_of(entry) is None
-    appearance = [p for p in WORKFLOWS.glob("appearance*_api.json")]
+    appearance = [p for p in WORKFLOWS.glob("api/appearance*.json")]
     if appearance:  # the cross-image nodes too, on the same tiny MODEL
         prompt = quick(json.loads(appearance[0].read_text()))
         for node in prompt.values():

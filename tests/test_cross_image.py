@@ -331,7 +331,7 @@ def test_shipped_appearance_workflow_runs_end_to_end(tiny):
     from PIL import Image
     from test_pipeline import shipped
 
-    prompt = shipped("appearance_transfer_api.json", ckpt="tiny")
+    prompt = shipped("api/appearance_transfer.json", ckpt="tiny")
     inversion = [n for n in prompt.values() if n["class_type"] == "HA_AppearanceInversion"]
     assert len(inversion) == 1 and inversion[0]["inputs"]["steps"] == 50
     inversion[0]["inputs"]["steps"] = 2  # 1 step outside the windows, 1 inside
@@ -340,7 +340,7 @@ def test_shipped_appearance_workflow_runs_end_to_end(tiny):
     assert image.shape == (1, 512, 512, 3) and torch.isfinite(image).all()
     saved = sorted(Path(folder_paths.get_output_directory()).rglob("appearance_transfer_*.png"))
     assert saved and Image.open(saved[-1]).size == (512, 512)
-    sampler = next(n for n in json.loads((WORKFLOWS / "appearance_transfer_api.json").read_text()).values()
+    sampler = next(n for n in json.loads((WORKFLOWS / "api/appearance_transfer.json").read_text()).values()
                    if n["class_type"] == "HA_CrossImageSampler")["inputs"]
     assert (sampler["contrast"], sampler["appearance_guidance"], sampler["full_res_start"], sampler["full_res_end"],
             sampler["half_res_start"], sampler["half_res_end"], sampler["adain_start"], sampler["adain_end"],

@@ -422,7 +422,7 @@ def test_shipped_sdxl_workflow(families):
     """The SDXL API twin with tiny SDXL swapped in. At its own 1024 x 1024 up to the colour shift (the 512 px
     examples, the mask scaled along and kept binary); then whole, with ImageScale set to 64 px and 1 step
     (a 1024 px VAE and UNet pass take minutes on this CPU)."""
-    prompt = shipped("geometry_transfer_sdxl_api.json", ckpt="tiny-sdxl")
+    prompt = shipped("api/geometry_transfer_sdxl.json", ckpt="tiny-sdxl")
     scales = [node for node in prompt.values() if node["class_type"] == "ImageScale"]
     assert len(scales) == 3 and all((n["inputs"]["width"], n["inputs"]["height"]) == (1024, 1024) for n in scales)
     front = {k: v for k, v in prompt.items() if v["class_type"] not in (

@@ -9,7 +9,7 @@ import torch
 import harness
 
 WORKFLOWS = harness.PACK_ROOT / "workflows"
-EXAMPLES = harness.PACK_ROOT / "examples"
+EXAMPLES = harness.PACK_ROOT / "example_images"
 
 
 def shipped(name: str, ckpt: str = "tiny-inpaint") -> dict:
@@ -73,7 +73,7 @@ def test_shipped_workflow_runs_end_to_end(tiny):
     import folder_paths
     from PIL import Image
 
-    prompt = shipped("geometry_transfer_api.json")
+    prompt = shipped("api/geometry_transfer.json")
     out = harness.run_prompt(prompt)
     image = out["11"][0]
     assert image.shape == (1, 512, 512, 3) and torch.isfinite(image).all()
@@ -85,11 +85,11 @@ def test_ui_workflows_match_their_api_twins(comfy):
     import nodes
     from workflow_format import api_to_ui, ui_to_api
 
-    api_files = sorted(WORKFLOWS.glob("*_api.json"))
+    api_files = sorted(WORKFLOWS.glob("api/*.json"))
     assert api_files
     for api_file in api_files:
         api = json.loads(api_file.read_text())
-        ui = json.loads(api_file.with_name(api_file.name.replace("_api.json", ".json")).read_text())
+        ui = json.loads((api_file.parent.parent / api_file.name).read_text())
         assert ui_to_api(ui, nodes.NODE_CLASS_MAPPINGS) == api, f"{api_file.name}: run scripts/workflow_format.py"
         assert api_to_ui(api, nodes.NODE_CLASS_MAPPINGS) == ui
 

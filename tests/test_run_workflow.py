@@ -28,7 +28,7 @@ def test_checkpoint_path_and_overrides(comfy, tmp_path):
     import folder_paths
     from run_workflow import apply_overrides, resolve_checkpoint
 
-    prompt = json.loads((harness.PACK_ROOT / "workflows" / "geometry_transfer_api.json").read_text())
+    prompt = json.loads((harness.PACK_ROOT / "workflows" / "api/geometry_transfer.json").read_text())
     ckpt = tmp_path / "mine.safetensors"
     ckpt.write_bytes(b"")
     resolve_checkpoint(prompt, str(ckpt))
