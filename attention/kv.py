@@ -14,7 +14,8 @@ attention itself is computed by the host's kernel, so no N x N map is ever mater
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Optional
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 

@@ -33,7 +33,7 @@ def _widget_values(node_class, inputs: dict) -> list:
             values.append(inputs[name])
             if options.get("control_after_generate") or name in ("seed", "noise_seed"):
                 values.append("fixed")
-    for name, kind, options in _inputs(node_class):
+    for _, _, options in _inputs(node_class):
         if options.get("image_upload"):
             values.append("image")
     return values

@@ -109,8 +109,12 @@ def tiny_vae(seed: int = 0):
     }
     model = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     gen = torch.Generator().manual_seed(seed)
-    sd = {k: (torch.randn(v.shape, generator=gen) * 0.05 if v.ndim > 1 else torch.ones_like(v) if "norm" in k and k.endswith("weight") else torch.zeros_like(v))
-          for k, v in model.state_dict().items()}
+    def value(key, v):
+        if v.ndim > 1:
+            return torch.randn(v.shape, generator=gen) * 0.05
+        return torch.ones_like(v) if "norm" in key and key.endswith("weight") else torch.zeros_like(v)
+
+    sd = {k: value(k, v) for k, v in model.state_dict().items()}
     return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
 
 
@@ -128,8 +132,8 @@ def tiny_clip(seed: int = 0):
     }
 
     class TinyClipModel(comfy.sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
-            model_options = {**model_options, "clip_l_model_config": textmodel_json_config}
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            model_options = {**(model_options or {}), "clip_l_model_config": textmodel_json_config}
             super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinyClipModel)
@@ -144,7 +148,6 @@ def register_test_nodes(models: dict) -> None:
     """Test-only nodes: HATest_TinyCheckpoint (MODEL, CLIP, VAE from `models`, keyed by ckpt_name),
     HATest_Image (a deterministic test image) and HATest_Keep (an output node for any value)."""
     import nodes
-    import torch
     from comfy_api.latest import io
 
     class TinyCheckpoint(io.ComfyNode):

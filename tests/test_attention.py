@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from harmonizing_attention.attention.kv import Ref, reference_attention, shared_attention
+from harmonizing_attention.attention.kv import reference_attention, shared_attention
 from harmonizing_attention.attention.roles import (
     Layer,
     PairLayout,
