@@ -263,6 +263,8 @@ def load_checkpoint(spec: str):
             raise ValueError(f"checkpoint {spec!r} is neither a file nor in ComfyUI's checkpoints folders "
                              f"({', '.join(folder_paths.get_folder_paths('checkpoints'))}): give its path")
         path = Path(found)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors checkpoints are loaded (no pickle files); convert it first")
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
         str(path), output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
     return model, clip, vae

@@ -1,0 +1,169 @@
+"""Cost of the patched self-attention: one patched UNet forward / the plain forward of the same batch.
+
+Modes (each on its own batch, rows named as the pipeline lays them out):
+- texture_aligning    (inversion batch src, tar, geo):  geo -> [geo; tar]           (eq. 3)
+- geometry_preserving (generation batch src, out):      out -> [out; src in M_src]  (eq. 5)
+- cross_image         (app, struct, out):               out -> [app] on decoder layers (built on the
+  core directly: a RowPlan, not nodes/appearance.py)
+
+Plain and patched forwards of the same inputs run interleaved in one process; the ratio is taken per
+round. Concatenated keys are extra work by construction (texture-aligning's geo row attends to 2N
+keys), so the table also gives the FLOP ratio of an ideal implementation of the same rule
+(`ideal`: model FLOPs with the longer key sets / plain model FLOPs) and time ratio / ideal
+(`vs ideal`): what the gather/concat/extra kernel calls cost beyond the arithmetic.
+
+    python bench/attention_overhead.py [--quick] [--cpu] [--models tiny,sd15] [--sizes 32,64,96]
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+MODES = ("texture_aligning", "geometry_preserving", "cross_image")
+
+
+def box_masks(rows: int, pixels: int, fraction: float = 0.5):
+    """[rows, H, W] masks: a centred square of side fraction * H (a quarter of the image at 0.5)."""
+    import torch
+
+    m = torch.zeros(rows, pixels, pixels)
+    a = int(round(pixels * (1 - fraction) / 2))
+    m[:, a:pixels - a, a:pixels - a] = 1.0
+    return m
+
+
+def plan_for(mode: str, size: int):
+    """(rows, RowPlan) of a mode at a latent size (masks at 8x: pixel size)."""
+    from harmonizing_attention.attention.kv import Ref
+    from harmonizing_attention.attention.roles import (
+        PairLayout,
+        RowPlan,
+        geometry_preserving_rules,
+        texture_aligning_rules,
+    )
+
+    layout = PairLayout(1, 1)
+    if mode == "texture_aligning":
+        rules = texture_aligning_rules(layout)
+        return RowPlan(layout.inversion_rows, lambda layer: rules)
+    if mode == "geometry_preserving":
+        rules = geometry_preserving_rules(layout)
+        return RowPlan(layout.generation_rows, lambda layer: rules, regions=box_masks(2, 8 * size))
+    if mode == "cross_image":
+        decoder = [None, None, (Ref(0),)]  # rows: app, struct, out
+        return RowPlan(3, lambda layer: decoder if layer.stage == "output" else [None] * 3)
+    raise ValueError(mode)
+
+
+def attention_layers(patcher, forward):
+    """[(stage, h, w, inner_dim, context_tokens)] of every transformer block, from one plain forward."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    unet = patcher.model.diffusion_model
+    seen, handles = [], []
+    stages = (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks))
+    for stage, blocks in stages:
+        for block in blocks:
+            for layer in block:
+                if isinstance(layer, SpatialTransformer):
+                    inner = layer.transformer_blocks[0].attn1.to_q.out_features
+                    depth = len(layer.transformer_blocks)
+
+                    def hook(mod, args, kwargs, out, stage=stage, inner=inner, depth=depth):
+                        x = args[0]
+                        seen.extend([(stage, x.shape[-2], x.shape[-1], inner)] * depth)
+
+                    handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        forward(patcher)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def other_flops(patcher, forward) -> float:
+    """FLOPs of one forward outside attention kernels (torch's counter; attention is added analytically,
+    since the counter does not see every SDPA backend, e.g. the CPU's)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        forward(patcher)
+    total = 0
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        if "scaled_dot_product" not in str(op):
+            total += n
+    return float(total)
+
+
+def ideal_ratio(plan, layers, size: int, rows: int, other: float) -> float:
+    """(other + attention FLOPs with the plan's key sets) / (other + plain attention FLOPs)."""
+    from harmonizing_attention.attention.kv import _resolve
+    from harmonizing_attention.attention.roles import Layer
+
+    plain = patched = 0.0
+    for stage, h, w, inner in layers:
+        n = h * w
+        cross = 4.0 * n * 77 * inner * rows  # attn2, the same in both
+        rules = plan.rules(Layer(stage=stage, downscale=max(1, round(size / w))))
+        regions = plan.region_tokens(h, w)
+        keys = 0
+        for r in range(rows):
+            parts = _resolve(r, rules[r], regions)
+            keys += n if parts is None else sum(n if idx is None else idx.numel() for _, idx in parts)
+        plain += 4.0 * n * n * inner * rows + cross
+        patched += 4.0 * n * keys * inner + cross
+    return (other + patched) / (other + plain)
+
+
+def main(argv=None) -> int:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", default=None, help="latent sizes, comma-separated (default 32,64,96; --quick: 32)")
+    p.add_argument("--modes", default=",".join(MODES))
+    args = p.parse_args(argv)
+    device = common.start(args.cpu, args.threads)
+    from harmonizing_attention.nodes.patch import apply_plan
+
+    sizes = [int(s) for s in (args.sizes or ("32" if args.quick else "32,64,96")).split(",")]
+    repeats = args.repeats or (3 if args.quick else 7)
+    modes = args.modes.split(",")
+    rows_out, all_ratios = [], []
+    print(f"# attention overhead on {common.describe(device)}; {repeats} interleaved rounds per cell", flush=True)
+    for model_name in common.models_arg(args):
+        plain_model = common.build_model(model_name, device)
+        for size in sizes:
+            other = None
+            for mode in modes:
+                plan = plan_for(mode, size)
+                patched_model = apply_plan(plain_model, plan)
+                forward = common.Forward(plain_model, plan.rows, size, device)
+                layers = attention_layers(plain_model, forward)
+                if other is None:  # non-attention FLOPs scale with the batch: count one row once
+                    other = other_flops(plain_model, common.Forward(plain_model, 1, size, device))
+                ideal = ideal_ratio(plan, layers, size, plan.rows, other * plan.rows)
+                times = common.interleaved({"plain": lambda f=forward, m=plain_model: f(m),
+                                            "patched": lambda f=forward, m=patched_model: f(m)}, repeats, device)
+                r = common.ratios(times["patched"], times["plain"])
+                all_ratios += [x / ideal for x in r]
+                rows_out.append([model_name, f"{size}x{size}", mode, plan.rows,
+                                 f"{statistics.median(times['plain']) * 1e3:.1f}",
+                                 common.mmm(r), f"{ideal:.3f}", f"{statistics.median(r) / ideal:.3f}"])
+                print(f"  {model_name} {size}x{size} {mode}: ratio {common.mmm(r)} ideal {ideal:.3f}", flush=True)
+            del other
+        del plain_model
+    print()
+    print(common.table(["model", "latent", "mode", "rows", "plain ms (median)", "patched/plain min / med / max",
+                        "ideal (FLOPs)", "median / ideal"], rows_out))
+    worst = max(float(row[-1]) for row in rows_out)
+    print(f"\nworst median over cells of patched/plain divided by the ideal FLOP ratio; "
+          f"spread of all per-round ratios/ideal: {common.mmm(all_ratios)}")
+    print(f"attention_overhead_vs_ideal_worst={worst:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
