@@ -302,3 +302,33 @@ def tiny_flux(seed: int = 0):
         model, load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
+
+
+def with_diffusion_wrapper(model, key, fn):
+    """A clone of `model` with `fn` as a DIFFUSION_MODEL wrapper in its transformer_options, so it runs both
+    in sampling and in direct apply_model calls with those options."""
+    from comfy.patcher_extension import WrappersMP, add_wrapper_with_key
+
+    clone = model.clone()
+    add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, key, fn, clone.model_options, is_model_options=True)
+    return clone
+
+
+def direct_unet(model):
+    """(model, context width) for direct UNet calls: SDXL gets its ADM input (pooled + size embeddings),
+    which a sampler would build from the conditioning, injected where the caller gives none."""
+    import comfy.model_base
+    import torch
+
+    context = model.model.model_config.unet_config["context_dim"]
+    if not isinstance(model.model, comfy.model_base.SDXL):
+        return model, context
+    pooled = torch.randn(1, TINY_POOLED_DIM, generator=torch.Generator().manual_seed(0))
+    adm = model.model.encode_adm(pooled_output=pooled, width=1024, height=768, crop_w=8, crop_h=16,
+                                 target_width=1024, target_height=768)
+
+    def with_adm(executor, x, timesteps, context, y, *args, **kwargs):
+        y = adm.expand(x.shape[0], -1).to(x) if y is None else y
+        return executor(x, timesteps, context, y, *args, **kwargs)
+
+    return with_diffusion_wrapper(model, "ha-test-adm", with_adm), context

@@ -107,6 +107,23 @@ def test_region_tokens_keep_every_touched_cell():
 
 # ---------------------------------------------------------------- on the real UNet, through ComfyUI's patch API
 
+# each family's tiny UNet at a 16x16 latent: the layer sizes its self-attention runs at, and how many blocks
+UNETS = {
+    "tiny": ({(16, 16), (8, 8)}, 7),  # SD1.x
+    "tiny-sd2v": ({(16, 16), (8, 8)}, 7),  # SD2.x v-prediction
+    "tiny-sdxl": ({(8, 8), (4, 4)}, 70),  # SDXL: no self-attention at full size; depths 2 and 10
+}
+
+
+@pytest.fixture(params=list(UNETS))
+def unet(request, tiny, families):
+    """(model, context width, expected layer sizes, expected attn1 calls) of each family's tiny UNet."""
+    import harness
+
+    model, context_dim = harness.direct_unet(tiny[request.param][0])
+    return (model, context_dim, *UNETS[request.param])
+
+
 def _recorded_attn1_calls(model, x, context, transformer_options=None):
     """Run the UNet once, recording q, k, v and extra_options of every attn1 call (via a replace patch)."""
     from comfy.ldm.modules.attention import optimized_attention
@@ -128,20 +145,20 @@ def _recorded_attn1_calls(model, x, context, transformer_options=None):
     return calls
 
 
-def test_patch_equals_reference_at_every_block_resolution(tiny):
+def test_patch_equals_reference_at_every_block_resolution(unet):
     from harmonizing_attention.nodes.patch import make_replace
 
-    model = tiny["tiny"][0]
+    model, context_dim, sizes, blocks = unet
     layout = PairLayout(1, 1)
     torch.manual_seed(4)
     x = torch.randn(layout.generation_rows, 4, 16, 16)
-    context = torch.randn(layout.generation_rows, 77, 32)
+    context = torch.randn(layout.generation_rows, 77, context_dim)
     mask = torch.zeros(layout.generation_rows, 128, 128)
     mask[0, 20:70, 64:100] = 1
     plan = RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout), regions=mask)
     calls = _recorded_attn1_calls(model, x, context)
-    resolutions = {tuple(extra["activations_shape"][-2:]) for *_, extra in calls}
-    assert resolutions == {(16, 16), (8, 8)}  # the tiny UNet's two levels
+    assert {tuple(extra["activations_shape"][-2:]) for *_, extra in calls} == sizes
+    assert len(calls) == blocks
     replace = make_replace(plan)
     for q, k, v, extra in calls:
         h, w = extra["activations_shape"][-2:]
@@ -149,17 +166,19 @@ def test_patch_equals_reference_at_every_block_resolution(tiny):
         out = replace(q, k, v, extra)
         expect = masked_reference(q[1], k[1], v[1], k[0], v[0], src_tokens, extra["n_heads"])
         torch.testing.assert_close(out[1], expect, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[:1], reference_attention(q[:1], k[:1], v[:1], extra["n_heads"]),
+                                   rtol=1e-4, atol=1e-5)  # the source row: plain self-attention
 
 
-def test_cond_uncond_chunks_map_rows_to_roles(tiny):
+def test_cond_uncond_chunks_map_rows_to_roles(unet):
     """With cond and uncond batched ([uncond rows, cond rows]), each chunk follows the plan on its own."""
     from harmonizing_attention.nodes.patch import make_replace
 
-    model = tiny["tiny"][0]
+    model, context_dim, *_ = unet
     layout = PairLayout(1, 1)
     torch.manual_seed(5)
     x = torch.randn(2 * layout.inversion_rows, 4, 8, 8)
-    context = torch.randn(2 * layout.inversion_rows, 77, 32)
+    context = torch.randn(2 * layout.inversion_rows, 77, context_dim)
     calls = _recorded_attn1_calls(model, x, context, {"cond_or_uncond": [1, 0]})
     replace = make_replace(RowPlan(layout.inversion_rows, lambda layer: texture_aligning_rules(layout)))
     rows = layout.inversion_rows
@@ -180,14 +199,14 @@ def _unet_out(model, x, context):
         return model.model.apply_model(x, torch.full((x.shape[0],), 500.0), c_crossattn=context, transformer_options=to)
 
 
-def test_identity_modes_give_exactly_the_unpatched_model(tiny):
+def test_identity_modes_give_exactly_the_unpatched_model(unet):
     from harmonizing_attention.nodes.patch import apply_plan
 
-    model = tiny["tiny"][0]
+    model, context_dim, *_ = unet
     layout = PairLayout(1, 1)
     torch.manual_seed(6)
     x = torch.randn(layout.generation_rows, 4, 16, 16)
-    context = torch.randn(1, 77, 32).expand(layout.generation_rows, -1, -1)
+    context = torch.randn(1, 77, context_dim).expand(layout.generation_rows, -1, -1)
     options_before = copy.deepcopy(model.model_options)
     plain = _unet_out(model, x, context)
     empty = torch.zeros(layout.generation_rows, 128, 128)
@@ -204,13 +223,13 @@ def test_identity_modes_give_exactly_the_unpatched_model(tiny):
     assert model.model_options == options_before  # the input MODEL is untouched
 
 
-def test_chains_with_an_existing_replace_patch(tiny):
+def test_chains_with_an_existing_replace_patch(unet):
     """A replace patch already on every block keeps running on the whole batch; our rows are redone."""
     from comfy.ldm.modules.attention import optimized_attention
 
     from harmonizing_attention.nodes.patch import apply_plan, self_attention_blocks
 
-    model = tiny["tiny"][0]
+    model, context_dim, *_ = unet
     seen = []
 
     def other(q, k, v, extra_options):
@@ -224,7 +243,7 @@ def test_chains_with_an_existing_replace_patch(tiny):
     layout = PairLayout(1, 1)
     torch.manual_seed(7)
     x = torch.randn(2, 4, 8, 8)
-    context = torch.randn(2, 77, 32)
+    context = torch.randn(2, 77, context_dim)
     self_only = RowPlan(2, lambda layer: geometry_preserving_rules(layout, "self_only"))
     assert torch.equal(_unet_out(apply_plan(other_model, self_only), x, context), _unet_out(other_model, x, context))
     assert seen and set(seen) == {2}

@@ -14,47 +14,13 @@ import torch
 from harmonizing_attention.attention import inversion
 from harmonizing_attention.attention.roles import (
     Layer,
-    PairLayout,
     RowPlan,
-    geometry_preserving_rules,
-    texture_aligning_rules,
 )
-from harmonizing_attention.attention.tokens import region_tokens
-from test_attention import _recorded_attn1_calls, _unet_out, masked_reference
+from test_attention import _unet_out
 from test_inversion import SD15, SHAPE, STEPS, _double, _inverse_grid, _inverse_scheduler, _unet
 from test_pipeline import graph, shipped, small
 
-DIRECT = ["tiny-sdxl", "tiny-sd2v"]  # families whose UNet the tests call directly (4 input channels)
 SDXL_SIZES = {"width": 1024, "height": 768, "crop_w": 8, "crop_h": 16, "target_width": 1024, "target_height": 768}
-
-
-def _wrap(model, key, fn):
-    """A clone of `model` with `fn` as a DIFFUSION_MODEL wrapper in its transformer_options, so it runs both
-    in sampling and in direct apply_model calls with those options."""
-    from comfy.patcher_extension import WrappersMP, add_wrapper_with_key
-
-    clone = model.clone()
-    add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, key, fn, clone.model_options, is_model_options=True)
-    return clone
-
-
-def _ready(families, name):
-    """(model, context width) for direct UNet calls: SDXL gets its ADM input (pooled + size embeddings),
-    which a sampler would build from the conditioning, injected where the caller gives none."""
-    import comfy.model_base
-
-    model = families[name][0]
-    context = model.model.model_config.unet_config["context_dim"]
-    if not isinstance(model.model, comfy.model_base.SDXL):
-        return model, context
-    pooled = torch.randn(1, harness.TINY_POOLED_DIM, generator=torch.Generator().manual_seed(0))
-    adm = model.model.encode_adm(pooled_output=pooled, **SDXL_SIZES)
-
-    def with_adm(executor, x, timesteps, context, y, *args, **kwargs):
-        y = adm.expand(x.shape[0], -1).to(x) if y is None else y
-        return executor(x, timesteps, context, y, *args, **kwargs)
-
-    return _wrap(model, "ha-test-adm", with_adm), context
 
 
 def _layers_seen(model, rows, x, context):
@@ -106,7 +72,7 @@ def test_self_attention_blocks_cover_every_sdxl_transformer_block(families):
                              ("output", 1): 2}),
 ])
 def test_layers_map_by_resolution_and_stage(families, name, latent, expected):
-    model, context_dim = _ready(families, name)
+    model, context_dim = harness.direct_unet(families[name][0])
     torch.manual_seed(8)
     x = torch.randn(1, 4, *latent)
     seen = _layers_seen(model, 1, x, torch.randn(1, 77, context_dim))
@@ -117,115 +83,6 @@ def test_layers_map_by_resolution_and_stage(families, name, latent, expected):
     # encoder first, then middle, then decoder; resolution falls then rises again
     order = [layer.stage for layer in seen]
     assert order == sorted(order, key=["input", "middle", "output"].index)
-
-
-# ---------------------------------------------------------------- test_attention.py's checks on these UNets
-
-
-@pytest.mark.parametrize("name", DIRECT)
-def test_patch_equals_reference_at_every_block_resolution(families, name):
-    from harmonizing_attention.nodes.patch import make_replace
-
-    model, context_dim = _ready(families, name)
-    layout = PairLayout(1, 1)
-    torch.manual_seed(4)
-    x = torch.randn(layout.generation_rows, 4, 16, 16)
-    context = torch.randn(layout.generation_rows, 77, context_dim)
-    mask = torch.zeros(layout.generation_rows, 128, 128)
-    mask[0, 20:70, 64:100] = 1
-    plan = RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout), regions=mask)
-    calls = _recorded_attn1_calls(model, x, context)
-    resolutions = {tuple(extra["activations_shape"][-2:]) for *_, extra in calls}
-    assert resolutions == ({(8, 8), (4, 4)} if name == "tiny-sdxl" else {(16, 16), (8, 8)})
-    assert len(calls) == (70 if name == "tiny-sdxl" else 7)
-    replace = make_replace(plan)
-    for q, k, v, extra in calls:
-        h, w = extra["activations_shape"][-2:]
-        src_tokens = region_tokens(mask[:1], h, w)[0]
-        out = replace(q, k, v, extra)
-        expect = masked_reference(q[1], k[1], v[1], k[0], v[0], src_tokens, extra["n_heads"])
-        torch.testing.assert_close(out[1], expect, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(out[:1], masked_reference(q[0], k[0], v[0], k[0][:0], v[0][:0],
-                                                             src_tokens[:0], extra["n_heads"])[None],
-                                   rtol=1e-4, atol=1e-5)  # the source row: plain self-attention
-
-
-@pytest.mark.parametrize("name", DIRECT)
-def test_cond_uncond_chunks_map_rows_to_roles(families, name):
-    from harmonizing_attention.nodes.patch import make_replace
-
-    model, context_dim = _ready(families, name)
-    layout = PairLayout(1, 1)
-    torch.manual_seed(5)
-    x = torch.randn(2 * layout.inversion_rows, 4, 8, 8)
-    context = torch.randn(2 * layout.inversion_rows, 77, context_dim)
-    calls = _recorded_attn1_calls(model, x, context, {"cond_or_uncond": [1, 0]})
-    replace = make_replace(RowPlan(layout.inversion_rows, lambda layer: texture_aligning_rules(layout)))
-    rows = layout.inversion_rows
-    for q, k, v, extra in calls:
-        both = replace(q, k, v, extra)
-        for c in range(2):
-            sl = slice(c * rows, (c + 1) * rows)
-            alone = replace(q[sl], k[sl], v[sl], {**extra, "cond_or_uncond": [0]})
-            torch.testing.assert_close(both[sl], alone, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", DIRECT)
-def test_identity_modes_give_exactly_the_unpatched_model(families, name):
-    from harmonizing_attention.nodes.patch import apply_plan
-
-    model, context_dim = _ready(families, name)
-    layout = PairLayout(1, 1)
-    torch.manual_seed(6)
-    x = torch.randn(layout.generation_rows, 4, 16, 16)
-    context = torch.randn(1, 77, context_dim).expand(layout.generation_rows, -1, -1)
-    options_before = copy.deepcopy(model.model_options)
-    plain = _unet_out(model, x, context)
-    empty = torch.zeros(layout.generation_rows, 128, 128)
-    for plan in (
-        RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout), regions=empty),
-        RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout, "self_only")),
-    ):
-        assert torch.equal(_unet_out(apply_plan(model, plan), x, context), plain)
-    some = empty.clone()
-    some[0, 10:50, 10:50] = 1
-    changed = _unet_out(apply_plan(model, RowPlan(2, lambda layer: geometry_preserving_rules(layout), regions=some)),
-                        x, context)
-    assert torch.equal(changed[0], plain[0]) and not torch.allclose(changed[1], plain[1])
-    assert model.model_options == options_before  # the input MODEL is untouched
-
-
-@pytest.mark.parametrize("name", DIRECT)
-def test_chains_with_an_existing_replace_patch(families, name):
-    from comfy.ldm.modules.attention import optimized_attention
-    from harmonizing_attention.nodes.patch import apply_plan, self_attention_blocks
-
-    model, context_dim = _ready(families, name)
-    seen = []
-
-    def other(q, k, v, extra_options):
-        seen.append(q.shape[0])
-        return optimized_attention(q, k, v * 2, extra_options["n_heads"])
-
-    other_model = model.clone()
-    blocks = self_attention_blocks(model)
-    for stage, block_id, index in blocks:
-        other_model.set_model_attn1_replace(other, stage, block_id, index)
-    layout = PairLayout(1, 1)
-    torch.manual_seed(7)
-    x = torch.randn(2, 4, 8, 8)
-    context = torch.randn(2, 77, context_dim)
-    self_only = RowPlan(2, lambda layer: geometry_preserving_rules(layout, "self_only"))
-    assert torch.equal(_unet_out(apply_plan(other_model, self_only), x, context), _unet_out(other_model, x, context))
-    assert seen and set(seen) == {2}
-    mask = torch.ones(2, 64, 64)
-    ours = _unet_out(apply_plan(other_model, RowPlan(2, lambda layer: geometry_preserving_rules(layout), regions=mask)),
-                     x, context)
-    base = _unet_out(other_model, x, context)
-    assert torch.equal(ours[0], base[0])
-    assert not torch.allclose(ours[1], base[1])
-    registered = apply_plan(other_model, self_only).model_options["transformer_options"]["patches_replace"]["attn1"]
-    assert set(registered) == set(blocks)
 
 
 # ---------------------------------------------------------------- v-prediction through ComfyUI's model sampling
@@ -240,7 +97,7 @@ def _closed_form(model, unet):
         assert len(t) == 1, timesteps
         return unet(x.double(), float(t)).to(x.dtype)
 
-    return _wrap(model, "ha-test-closed-form", network)
+    return harness.with_diffusion_wrapper(model, "ha-test-closed-form", network)
 
 
 def _sd2v(families):
@@ -359,7 +216,7 @@ def test_sdxl_conditioning_reaches_the_unet_untouched(families):
         calls.append((x.shape, list(transformer_options["cond_or_uncond"]), context.clone(), y.clone()))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
-    spied = _wrap(model, "ha-test-spy", spy)
+    spied = harness.with_diffusion_wrapper(model, "ha-test-spy", spy)
     encoded = {}
     for key, text, sizes in (("pos", "a wall", SDXL_SIZES), ("neg", "blurry", {"width": 512, "height": 512})):
         cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
