@@ -43,3 +43,24 @@ def test_checkpoint_path_and_overrides(comfy, tmp_path):
     pickle.write_bytes(b"")
     with pytest.raises(SystemExit, match="only .safetensors"):
         resolve_checkpoint(prompt, str(pickle))
+
+
+def test_main_job_runs_the_shipped_workflow_on_a_real_checkpoint_file(comfy, tmp_path):
+    """The README's main job, as a user runs it: the shipped workflow and example images, a checkpoint
+    file loaded by CheckpointLoaderSimple (a random SD1.5-inpainting one, SD1.5-detectable), an image out.
+    Only the step counts are lowered, through the command's own --set."""
+    from PIL import Image
+
+    import comfy_server
+
+    ckpt = comfy_server.tiny_checkpoint(9)
+    env = {**os.environ, "COMFYUI_PATH": str(harness.start()["root"])}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "run_workflow.py"), "--cpu", "--ckpt", str(ckpt), "--output-dir", str(tmp_path),
+         "--set", "8.steps=1", "--set", "8.renoise_iterations=1"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    written = sorted(tmp_path.rglob("geometry_transfer_*.png"))
+    assert len(written) == 1 and f"wrote {written[0]}" in run.stdout
+    assert Image.open(written[0]).size == Image.open(harness.PACK_ROOT / "example_images" / "target_brick.png").size
