@@ -74,11 +74,12 @@ def test_shipped_workflow_runs_end_to_end(tiny):
     from PIL import Image
 
     prompt = shipped("api/geometry_transfer.json")
+    prompt["12"]["inputs"]["filename_prefix"] = "shipped_end_to_end/geometry_transfer"  # this test's file only
     out = harness.run_prompt(prompt)
     image = out["11"][0]
     assert image.shape == (1, 512, 512, 3) and torch.isfinite(image).all()
-    saved = sorted(Path(folder_paths.get_output_directory()).rglob("geometry_transfer_*.png"))
-    assert saved and Image.open(saved[-1]).size == Image.open(EXAMPLES / "target_brick.png").size
+    saved = list((Path(folder_paths.get_output_directory()) / "shipped_end_to_end").glob("geometry_transfer_*.png"))
+    assert len(saved) == 1 and Image.open(saved[0]).size == Image.open(EXAMPLES / "target_brick.png").size
 
 
 def test_ui_workflows_match_their_api_twins(comfy):
