@@ -87,13 +87,7 @@ def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.
         positive = pipeline.with_inpaint(conditioning, inpaint_latents, inpaint_masks)
 
     sigmas = generation_schedule(model, steps, denoise)
-    up = sigmas.flip(0)
-    up[0] = max(float(up[0]), 1e-4)  # the clean end: evaluate the model just above sigma 0, like FlipSigmas
-
-    def loop(denoise_, x, s, callback):
-        return inversion.invert(denoise_, x, s, iterations=iterations, average_last=average_last, callback=callback)
-
-    z_t = pipeline.run_sampler(model, loop, latents, up, positive, positive, 1.0)
+    z_t = pipeline.invert_latents(model, latents, sigmas, positive, iterations, average_last)
     if inpaint_latents is None:
         z_t = torch.cat([z_t, z_t[p:]])
     return AppearanceInverted(latents=z_t, sigmas=sigmas, model_family=pipeline.model_family(model),

@@ -28,8 +28,8 @@ class UnsupportedModel(ValueError):
 def self_attention_blocks(model) -> list[tuple[str, int, int]]:
     """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them."""
     unet = model.get_model_object("diffusion_model")
+    family = type(getattr(model.model, "model_config", model.model)).__name__  # e.g. SDXL, Flux, SD3
     if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
-        family = type(getattr(model.model, "model_config", model.model)).__name__  # e.g. Flux, SD3, AuraFlow
         raise UnsupportedModel(
             f"this model is {family} (a {type(unet).__name__} diffusion model), not a UNet of SpatialTransformers: "
             "Harmonizing Attention patches the self-attention of SD1.x / SD2.x / SDXL UNets (and their inpainting "
@@ -42,7 +42,6 @@ def self_attention_blocks(model) -> list[tuple[str, int, int]]:
                 if isinstance(layer, SpatialTransformer):
                     keys += [(stage, block_id, i) for i in range(len(layer.transformer_blocks))]
     if not keys:
-        family = type(getattr(model.model, "model_config", model.model)).__name__
         raise UnsupportedModel(
             f"this {family} UNet ({type(unet).__name__}) has no SpatialTransformer self-attention block: nothing "
             "for Harmonizing Attention to patch. Load an SD1.x / SD2.x / SDXL checkpoint."

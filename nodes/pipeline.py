@@ -71,10 +71,9 @@ def schedule(model, steps: int) -> torch.Tensor:
 
 def _row_masks(scene: Scene, rows: str) -> torch.Tensor:
     """Region masks in row order: src rows M_src; target, geometry and output rows M_geo."""
-    layout = scene.layout
     if rows == "inversion":
         return torch.cat([scene.source_mask, scene.geometry_mask, scene.geometry_mask])
-    return torch.cat([scene.source_mask, scene.geometry_mask])[: layout.generation_rows]
+    return torch.cat([scene.source_mask, scene.geometry_mask])
 
 
 def with_inpaint(conditioning, masked_latents: Optional[torch.Tensor], masks: torch.Tensor):
@@ -126,6 +125,17 @@ def run_sampler(model, loop, latents, sigmas, positive, negative, cfg, guider=No
     return samples.to(comfy.model_management.intermediate_device())
 
 
+def invert_latents(model, latents, sigmas, positive, iterations: int, average_last: int) -> torch.Tensor:
+    """DDIM + ReNoise inversion of `latents` up the descending generation schedule `sigmas` (no CFG)."""
+    up = sigmas.flip(0)
+    up[0] = max(float(up[0]), 1e-4)  # the clean end: evaluate the model just above sigma 0, like FlipSigmas
+
+    def loop(denoise, x, s, callback):
+        return inversion.invert(denoise, x, s, iterations=iterations, average_last=average_last, callback=callback)
+
+    return run_sampler(model, loop, latents, up, positive, positive, 1.0)
+
+
 def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
            mode: str) -> Inverted:
     """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention."""
@@ -141,13 +151,7 @@ def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, 
     patched = apply_plan(model, RowPlan(layout.inversion_rows, lambda layer: rules))
 
     sigmas = schedule(model, steps)
-    up = sigmas.flip(0)
-    up[0] = max(float(up[0]), 1e-4)  # the clean end: evaluate the model just above sigma 0, like FlipSigmas
-
-    def loop(denoise, x, s, callback):
-        return inversion.invert(denoise, x, s, iterations=iterations, average_last=average_last, callback=callback)
-
-    z_t = run_sampler(patched, loop, latents, up, positive, positive, 1.0)
+    z_t = invert_latents(patched, latents, sigmas, positive, iterations, average_last)
     return Inverted(scene=scene, latents=z_t, sigmas=sigmas, model_family=model_family(model),
                     inpaint_latents=inpaint_latents)
 
