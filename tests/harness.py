@@ -82,13 +82,18 @@ def tiny_unet_config(in_channels: int = 4, **overrides) -> dict:
 
 def tiny_model(in_channels: int = 4, seed: int = 0, family: str = "SD15", **overrides):
     """A ModelPatcher around a tiny random UNet built through ComfyUI's supported_models classes."""
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
 
     config = tiny_unet_config(in_channels, **overrides)
-    model_config = getattr(comfy.supported_models, family)(config)
-    model = model_config.get_model({})
+    return _patcher(getattr(comfy.supported_models, family)(config), {}, seed)
+
+
+def _patcher(model_config, state_dict: dict, seed: int):
+    """Build the model of a supported_models config, seed its weights, wrap it in a ModelPatcher."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    model = model_config.get_model(state_dict)
     _init_(model.diffusion_model, seed)
     model.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(
@@ -228,8 +233,6 @@ def tiny_family_model(family: str, in_channels: int = 4, seed: int = 0, v_predic
     """A ModelPatcher around a tiny random UNet of `family` ("SDXL" or "SD20"), built through ComfyUI's
     supported_models class, so model_base class, latent format, model sampling and inpainting set-up are
     ComfyUI's own. SD20's v-prediction is detected from a state dict: one carrying the key it reads."""
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
     import torch
 
@@ -247,13 +250,7 @@ def tiny_family_model(family: str, in_channels: int = 4, seed: int = 0, v_predic
         if family != "SD20":
             raise ValueError("v_prediction: only the SD20 route detects it from a state dict")
         state_dict["output_blocks.11.1.transformer_blocks.0.norm1.bias"] = torch.linspace(-1, 1, 8)
-    model = model_config.get_model(state_dict)
-    _init_(model.diffusion_model, seed)
-    model.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device(),
-    )
+    return _patcher(model_config, state_dict, seed)
 
 
 def tiny_sdxl_clip(seed: int = 0):
@@ -286,8 +283,6 @@ def tiny_sdxl_clip(seed: int = 0):
 
 def tiny_flux(seed: int = 0):
     """A tiny Flux (a DiT: no UNet blocks) through comfy.supported_models.Flux: a family the pack refuses."""
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
 
     config = {
@@ -296,12 +291,7 @@ def tiny_flux(seed: int = 0):
         "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
         "guidance_embed": False,
     }
-    model = comfy.supported_models.Flux(config).get_model({})
-    _init_(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device(),
-    )
+    return _patcher(comfy.supported_models.Flux(config), {}, seed)
 
 
 def with_diffusion_wrapper(model, key, fn):
