@@ -5,6 +5,7 @@ Shared by the test harness and the headless workflow runner.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -69,25 +70,48 @@ class PromptError(RuntimeError):
         self.details = details
 
 
-def run_prompt(prompt: dict) -> dict:
-    """Validate and execute an API-format prompt; return {node_id: (output values...)} of every node run."""
+def _executor():
+    """A PromptExecutor with the classic cache, whichever constructor this ComfyUI has."""
     import execution
 
-    prompt = json.loads(json.dumps(prompt))
+    params = inspect.signature(execution.PromptExecutor).parameters
+    # 0.3.64 takes cache_size; later ComfyUI takes cache_args and reads its RAM headroom (main.py passes 0
+    # for the classic cache) even when that cache is not in use
+    cache = {"cache_args": {"lru": 0, "ram": 0, "ram_inactive": 0}} if "cache_args" in params else {"cache_size": None}
+    return execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC, **cache)
+
+
+async def _cached_outputs(executor, node_id):
+    """The output lists of a node run: 0.3.64's cache `get` returns them; later ComfyUI's is async and
+    returns CacheEntry(ui, outputs)."""
+    cached = executor.caches.outputs.get(node_id)
+    if inspect.isawaitable(cached):
+        cached = await cached
+    return getattr(cached, "outputs", cached)
+
+
+def run_prompt(prompt: dict) -> dict:
+    """Validate and execute an API-format prompt; return {node_id: (output values...)} of every node run."""
+    return asyncio.run(_run_prompt(json.loads(json.dumps(prompt))))
+
+
+async def _run_prompt(prompt: dict) -> dict:
+    import execution
+
     prompt_id = str(uuid.uuid4())
-    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    valid = await execution.validate_prompt(prompt_id, prompt, None)
     if not valid[0]:
         raise PromptError(f"prompt invalid: {valid[1].get('message')} {valid[3]}",
                           {"error": valid[1], "node_errors": valid[3]})
-    executor = execution.PromptExecutor(_ServerStub(), cache_type=False)
-    executor.execute(prompt, prompt_id, {}, valid[2])
+    executor = _executor()
+    await executor.execute_async(prompt, prompt_id, {}, valid[2])
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
         err = errors[0] if errors else {"exception_message": "interrupted", "node_type": None}
         raise PromptError(f"{err.get('node_type')}: {err.get('exception_message')}", err)
     outputs = {}
     for node_id in prompt:
-        cached = executor.caches.outputs.get(node_id)
+        cached = await _cached_outputs(executor, node_id)
         if cached is not None:  # one list per output socket, holding the value
             outputs[node_id] = tuple(values[0] if len(values) == 1 else values for values in cached)
     logging.debug("ran %d nodes", len(outputs))

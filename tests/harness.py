@@ -283,6 +283,9 @@ def tiny_sdxl_clip(seed: int = 0):
 
 def tiny_flux(seed: int = 0):
     """A tiny Flux (a DiT: no UNet blocks) through comfy.supported_models.Flux: a family the pack refuses."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
     import comfy.supported_models
 
     config = {
@@ -291,6 +294,9 @@ def tiny_flux(seed: int = 0):
         "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
         "guidance_embed": False,
     }
+    # FluxParams fields that newer ComfyUI requires (Flux.1's values, as its model detection sets them)
+    newer = {"txt_ids_dims": []}
+    config.update({f.name: newer[f.name] for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams) if f.name in newer})
     return _patcher(comfy.supported_models.Flux(config), {}, seed)
 
 
