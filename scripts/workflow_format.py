@@ -88,6 +88,16 @@ def api_to_ui(api: dict, classes: dict) -> dict:
     }
 
 
+def linked_outputs_only(ui: dict) -> dict:
+    """`ui` with only the output slots that feed a link. Which unlinked slots a node has depends on the
+    ComfyUI it meets (SaveImage and PreviewImage gained an IMAGE output after 0.3.64; a frontend adds the
+    slots its node definition has), so comparisons of workflows leave them out."""
+    ui = json.loads(json.dumps(ui))
+    for node in ui["nodes"]:
+        node["outputs"] = [slot for slot in node.get("outputs") or [] if slot.get("links")]
+    return ui
+
+
 def ui_to_api(ui: dict, classes: dict) -> dict:
     links = {link[0]: link for link in ui["links"]}
     api = {}
