@@ -200,6 +200,8 @@ class ComfyServer:
                "--use-pytorch-cross-attention", "--base-directory", str(self.base),
                "--output-directory", str(self.base / "output"), "--input-directory", str(self.base / "input"),
                "--temp-directory", str(self.base / "temp"), "--user-directory", str(self.base / "user"),
+               # its default lies in the ComfyUI tree, which may be read-only (CI's ../shared)
+               "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
                "--disable-auto-launch", "--disable-metadata", *self.extra_args]
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "COMFYUI_PATH": str(self.root)}
         self._log = open(self.log_path, "w")  # noqa: SIM115  (closed in stop())
@@ -211,9 +213,10 @@ class ComfyServer:
                 raise ServerError(f"ComfyUI exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
             try:
                 info = self.get("/object_info/HA_GeometryImageEdit", timeout=5)
-                if "HA_GeometryImageEdit" in info:
+                failed = [line for line in self.log().splitlines() if "IMPORT FAILED" in line and PACK_NAME in line]
+                if "HA_GeometryImageEdit" in info and not failed:
                     return self
-                raise ServerError(f"the server runs but the pack's nodes are missing:\n{self.log_tail()}")
+                raise ServerError(f"the server runs but the pack's nodes are missing or failed to import:\n{self.log_tail()}")
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.5)
         self.stop()
@@ -233,8 +236,11 @@ class ComfyServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+        return self.log()[-chars:]
 
     def rss(self) -> int:
         import psutil
