@@ -2,7 +2,8 @@
 
 The shipped `workflows/api/*.json` are the source; `python scripts/workflow_format.py` rewrites each
 UI twin `workflows/*.json` from it, laid out left to right by dependency depth. The tests convert
-the UI files back and require the API twin, so the two never drift.
+the UI files back and require the API twin, so the two never drift. Run it with the oldest supported
+ComfyUI (0.3.64): the output slots written are those its nodes define, and newer frontends add theirs.
 """
 from __future__ import annotations
 
