@@ -6,8 +6,8 @@ download: the system Chromium is used); skipped with the reason when either is a
 
 Works with the frontend each supported ComfyUI pins (comfyui-frontend-package 1.27.10 for 0.3.64, 1.49.6
 for the latest). The README's screenshot of the geometry workflow is rewritten only on request:
-HA_UPDATE_SCREENSHOTS=1 bash scripts/test.sh tests/test_app_browser.py -k geometry_transfer; otherwise it
-goes to a temporary folder, so the suite leaves the working tree as it was.
+HA_UPDATE_SCREENSHOTS=1 bash scripts/test.sh tests/test_app_browser.py -k "geometry_transfer and not sdxl".
+Otherwise it goes to a temporary folder, so the suite leaves the working tree as it was.
 """
 import json
 import os
