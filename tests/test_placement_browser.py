@@ -15,8 +15,11 @@ import time
 import comfy_server
 import numpy as np
 import pytest
+import test_app_browser
 from comfy_server import error_of
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, WORKFLOWS, _missing, api_prompt, browser_page, drop_workflow  # noqa: F401
+from test_app_browser import CHROMIUM, CHROMIUM_ARGS, WORKFLOWS, _missing, api_prompt, drop_workflow
+
+browser_page = test_app_browser.browser_page  # the app page fixture: one headless Chromium per module
 
 pytestmark = [pytest.mark.app, pytest.mark.browser]
 
@@ -82,7 +85,7 @@ def test_js_placement_math_matches_edit_py():
         }""", [base64.b64encode(source.encode()).decode(), cases])
         browser.close()
 
-    for case, out in zip(cases, js):
+    for case, out in zip(cases, js, strict=True):
         mask = torch.tensor(case["mask"]).reshape(case["h"], case["w"])
         anchor = edit.mask_anchor(mask)
         p = edit.Placement(**case["p"])
@@ -216,9 +219,6 @@ def test_gestures_write_the_widgets_and_the_run_matches_the_view(browser_page, a
                                                 "rotation"}
     assert page.errors == [], page.errors
 
-    if os.environ.get("HA_UPDATE_SCREENSHOTS"):
-        _screenshot(page)
-
     # run the image nodes and the edit; M_geo lies where the view put the patch
     view = page.evaluate(VIEW, EDIT)
     graph = {k: prompt[k] for k in ("3", "4", "5", str(EDIT))}
@@ -247,15 +247,36 @@ def test_gestures_write_the_widgets_and_the_run_matches_the_view(browser_page, a
     assert {i["role"] for i in entry["outputs"][str(EDIT)]["ha_placement"]} == {"source", "source_mask", "target"}
 
 
-def _screenshot(page) -> None:
+@pytest.mark.skipif(not os.environ.get("HA_UPDATE_SCREENSHOTS"), reason="set HA_UPDATE_SCREENSHOTS=1 to rewrite "
+                    "docs/placement_view.png (the README's screenshot)")
+def test_readme_screenshot(browser_page, app_server):
+    """The README's picture of the view, at the example images' full size."""
+    import shutil
+
+    page = browser_page
+    for name in ("crack_source.png", "crack_mask.png", "target_brick.png"):
+        shutil.copy(comfy_server.PACK_ROOT / "example_images" / name, app_server.base / "input" / f"readme_{name}")
+    drop_workflow(page, WORKFLOW, name="geometry_transfer_readme.json")
+    page.evaluate("""() => {
+        const set = (id, name, value) => { const w = window.app.graph.getNodeById(id).widgets.find(w => w.name === name);
+                                          w.value = value; w.callback?.call(w, value); };
+        set(3, 'image', 'readme_crack_source.png'); set(4, 'image', 'readme_crack_mask.png');
+        set(5, 'image', 'readme_target_brick.png');
+        set(6, 'shift_x', 96); set(6, 'shift_y', -64); set(6, 'scale', 1.4); set(6, 'rotation', 25);
+        const n = window.app.graph.getNodeById(6); n.setSize([420, n.size[1] + 220]);
+    }""")
+    _show_node(page, scale=1.5)
+    _ready(page)
+    time.sleep(0.5)
     clip = page.evaluate(f"""() => {{
         const node = window.app.graph.getNodeById({EDIT}), canvas = window.app.canvas;
         const [x, y] = canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
         const s = canvas.ds.scale, r = canvas.canvas.getBoundingClientRect();
-        return {{x: r.left + x - 10, y: r.top + y - 40 * s, width: node.size[0] * s + 20, height: node.size[1] * s + 50 * s}};
+        return {{x: r.left + x - 8, y: r.top + y - 38 * s, width: node.size[0] * s + 16, height: node.size[1] * s + 46 * s}};
     }}""")
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), clip=clip)
+    assert page.errors == [], page.errors
 
 
 def test_view_survives_resize_workflow_switch_and_reload(browser_page, app_server):
