@@ -154,7 +154,7 @@ def _show_node(page, node_id=EDIT, scale=1.0) -> None:
     page.evaluate("""([id, scale]) => {
         const node = window.app.graph.getNodeById(id), canvas = window.app.canvas;
         canvas.ds.scale = scale;
-        canvas.ds.offset = [60 / scale - node.pos[0], 80 / scale - node.pos[1]];
+        canvas.ds.offset = [80 / scale - node.pos[0], 140 / scale - node.pos[1]];
         canvas.setDirty(true, true);
     }""", [node_id, scale])
     time.sleep(0.4)
@@ -163,7 +163,7 @@ def _show_node(page, node_id=EDIT, scale=1.0) -> None:
 def test_gestures_write_the_widgets_and_the_run_matches_the_view(browser_page, app_server):
     page = browser_page
     state = drop_workflow(page, WORKFLOW, name="geometry_transfer_placement.json")
-    widgets = next(n["widgets"] for n in state if n["id"] == EDIT)
+    widgets = next(n["widgets"] for n in state if str(n["id"]) == str(EDIT))  # ids are strings on the latest frontend
     assert widgets[:4] == ["shift_x", "shift_y", "scale", "rotation"]
     _show_node(page, scale=1.25)
     view = _ready(page)
@@ -351,3 +351,38 @@ def test_view_survives_resize_workflow_switch_and_reload(browser_page, app_serve
     page.evaluate("async (prompt) => { await window.app.api.queuePrompt(0, {output: prompt, workflow: null}); }", keep)
     _ready(page)
     assert page.errors == [], page.errors
+
+
+def _frontend_version() -> tuple:
+    from importlib.metadata import version
+
+    return tuple(int(v) for v in version("comfyui-frontend-package").split(".")[:2])
+
+
+def test_view_in_vue_node_mode(browser_page, app_server):
+    """The frontend's Vue node rendering (Nodes 2.0; a hidden experimental setting on 1.27): where the frontend
+    mounts DOM widgets in Vue nodes (1.49), the view is there and drags; elsewhere the node keeps its four widgets.
+    Never a page error."""
+    page = browser_page
+    set_vue = "async (on) => { await window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on); }"
+    page.evaluate(set_vue, True)
+    try:
+        drop_workflow(page, WORKFLOW, name="geometry_transfer_vue.json")
+        _show_node(page)
+        time.sleep(1.0)
+        mounted = page.evaluate(f"() => window.app.graph.getNodeById({EDIT}).haPlacement.element.isConnected")
+        if _frontend_version() >= (1, 49):
+            assert mounted
+        if mounted:
+            view = _ready(page)
+            k = view["clientPerTargetPx"]
+            _drag(page, view["anchor"], (view["anchor"][0] + 40, view["anchor"][1] + 20))
+            values = page.evaluate(WIDGETS, EDIT)
+            assert abs(values["shift_x"] - 40 / k) <= 1 and abs(values["shift_y"] - 20 / k) <= 1, (values, k)
+            # the node's own number inputs show what the gesture wrote
+            shown = page.locator(f"[data-node-id='{EDIT}'] input").evaluate_all("(els) => els.map(e => e.value)")
+            assert str(values["shift_x"]) in shown, shown
+        assert page.evaluate(WIDGETS, EDIT).keys() == {"shift_x", "shift_y", "scale", "rotation"}
+        assert page.errors == [], page.errors
+    finally:
+        page.evaluate(set_vue, False)  # the server's user settings outlive this module

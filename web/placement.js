@@ -330,7 +330,8 @@ class PlacementView {
   /** The workflow's undo / modified state sees a finished gesture. */
   changed() {
     try {
-      app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.()
+      const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker
+      ;(tracker?.captureCanvasState ?? tracker?.checkState)?.call(tracker)  // the name since 1.4x, and before
     } catch {
       // an older frontend without the change tracker: nothing to tell
     }
