@@ -308,6 +308,8 @@ def test_view_survives_resize_workflow_switch_and_reload(browser_page, app_serve
 
     page.mouse.click(*view["anchor"])
     page.keyboard.press("Shift+ArrowDown")  # a gesture: the app records the change and keeps it over a reload
+    assert page.evaluate(WIDGETS, EDIT)["shift_y"] == 10
+    time.sleep(1.0)  # the latest frontend persists the open workflow 0.5 s after its last change
     stacks = []
 
     def record(err):
