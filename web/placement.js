@@ -100,14 +100,18 @@ class PlacementView {
     this.layout = null
     this.drawn = ""
     this.listen()
-    this.resizeObserver = new ResizeObserver(() => this.redraw())
-    this.resizeObserver.observe(this.element)
-    this.timer = setInterval(() => this.poll(), 250)
+    new ResizeObserver(() => this.redraw()).observe(this.element)
+    this.start()
   }
 
-  dispose() {
+  /** Polling (upstream images, values set without a callback) runs while the node is in a graph. */
+  start() {
+    this.timer ??= setInterval(() => this.poll(), 250)
+  }
+
+  stop() {
     clearInterval(this.timer)
-    this.resizeObserver.disconnect()
+    this.timer = null
   }
 
   // -- widgets
@@ -147,6 +151,8 @@ class PlacementView {
   }
 
   poll() {
+    if (this.node.graph) this.attached = true
+    else if (this.attached) return this.stop()  // removed with its graph (a workflow closed or replaced)
     if (!this.element.isConnected) return
     const sources = this.sources()
     let changed = false
@@ -492,8 +498,13 @@ app.registerExtension({
     }
     const onRemoved = node.onRemoved
     node.onRemoved = function () {
-      view.dispose()
+      view.stop()
       return onRemoved?.apply(this, arguments)
+    }
+    const onAdded = node.onAdded
+    node.onAdded = function () {
+      view.start()
+      return onAdded?.apply(this, arguments)
     }
     // room for the view, also when a saved workflow (configure) brings the node's old, smaller size
     const fit = () => {
