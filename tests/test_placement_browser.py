@@ -330,16 +330,25 @@ def test_view_survives_resize_workflow_switch_and_reload(browser_page, app_serve
     assert view["params"]["shift_y"] == 10, view["params"]
     _drag(page, view["anchor"], (view["anchor"][0] + 30, view["anchor"][1]))
     assert page.evaluate(WIDGETS, EDIT)["shift_x"] == round(30 / view["clientPerTargetPx"])
+    # the wheel over the patch scales it (up: larger); a double-click resets the four values
+    view = page.evaluate(VIEW, EDIT)
+    page.mouse.move(*view["anchor"])
+    page.mouse.wheel(0, -200)
+    time.sleep(0.2)
+    assert page.evaluate(WIDGETS, EDIT)["scale"] > 1.1
+    page.mouse.dblclick(*page.evaluate(VIEW, EDIT)["anchor"])
+    time.sleep(0.2)
+    assert page.evaluate(WIDGETS, EDIT) == {"shift_x": 0, "shift_y": 0, "scale": 1, "rotation": 0}
     assert page.errors == [], page.errors
 
-    # the target through ImageScale: no file to read, so a placeholder until the graph has run
+    # the target through ImageScale (64x40): no file to read, so a placeholder until the graph has run
     page.evaluate(f"""() => {{
         const graph = window.app.graph, edit = graph.getNodeById({EDIT}), load = graph.getNodeById(5);
         const scale = LiteGraph.createNode('ImageScale');
         scale.pos = [load.pos[0] + 200, load.pos[1] + 300];
         graph.add(scale);
         scale.widgets.find(w => w.name === 'width').value = 64;
-        scale.widgets.find(w => w.name === 'height').value = 64;
+        scale.widgets.find(w => w.name === 'height').value = 40;
         load.connect(0, scale, 0);
         scale.connect(0, edit, 2);
     }}""")
@@ -350,8 +359,8 @@ def test_view_survives_resize_workflow_switch_and_reload(browser_page, app_serve
     keep = {k: v for k, v in prompt.items() if v["class_type"] in ("LoadImage", "LoadImageMask", "ImageScale")
             or k == str(EDIT)}
     keep["21"] = {"class_type": "PreviewImage", "inputs": {"images": [str(EDIT), 0]}}
-    page.evaluate("async (prompt) => { await window.app.api.queuePrompt(0, {output: prompt, workflow: null}); }", keep)
-    _ready(page)
+    page.evaluate("async (prompt) => { await window.app.api.queuePrompt(0, {output: prompt, workflow: window.app.graph.serialize()}); }", keep)
+    assert _ready(page)["target"] == {"width": 64, "height": 40}  # the scaled target, as the node computed it
     assert page.errors == [], page.errors
 
 
