@@ -359,7 +359,9 @@ def test_view_survives_resize_workflow_switch_and_reload(browser_page, app_serve
     keep = {k: v for k, v in prompt.items() if v["class_type"] in ("LoadImage", "LoadImageMask", "ImageScale")
             or k == str(EDIT)}
     keep["21"] = {"class_type": "PreviewImage", "inputs": {"images": [str(EDIT), 0]}}
-    page.evaluate("async (prompt) => { await window.app.api.queuePrompt(0, {output: prompt, workflow: window.app.graph.serialize()}); }", keep)
+    # queued from the page (its client id): the node's "executed" message reaches this view
+    page.evaluate("async (prompt) => { await window.app.api.queuePrompt(0, "
+                  "{output: prompt, workflow: window.app.graph.serialize()}); }", keep)
     assert _ready(page)["target"] == {"width": 64, "height": 40}  # the scaled target, as the node computed it
     assert page.errors == [], page.errors
 
