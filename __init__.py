@@ -5,6 +5,9 @@ Registered through ComfyUI's V3 extension API (`comfy_entrypoint`); see README.m
 import logging
 
 REQUIRED_COMFYUI = "0.3.64"
+# The frontend extension (plain JS, no build step): HA_GeometryImageEdit's placement view. ComfyUI's loader
+# reads WEB_DIRECTORY before it looks at NODE_CLASS_MAPPINGS / comfy_entrypoint (0.3.64 and latest alike).
+WEB_DIRECTORY = "./web"
 
 try:
     from comfy_api.latest import ComfyExtension  # noqa: F401  (present from the V3 node API on)

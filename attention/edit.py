@@ -1,6 +1,17 @@
 """Editing stage: the geometry edit T that places the masked source patch on the target canvas.
 
-Coordinates are pixel-centre coordinates: the pixel at column j, row i has its centre at (x, y) = (j, i).
+The placement convention (the one description of it; web/placement_math.js implements the same numbers for
+the node's placement view, and tests/test_placement_browser.py checks the two against each other):
+- Coordinates are pixel-centre coordinates: the pixel at column j, row i has its centre at (x, y) = (j, i)
+  and covers [j - 0.5, j + 0.5] x [i - 0.5, i + 0.5]; x points right, y points down. Masks are binarized at 0.5.
+- The anchor a is the centre of the bounding box of the source mask (`mask_anchor`).
+- The anchor lands at the same relative position on the target, (a + 0.5) * target_size / source_size - 0.5,
+  then moves by (shift_x, shift_y) target pixels (`_landing`). The patch keeps its pixel size: only `scale`
+  resizes it.
+- Scale (uniform) and rotation (degrees, counter-clockwise as seen on screen) act about the anchor:
+  t = landing + scale * R (s - a), R = [[cos, sin], [-sin, cos]] (`forward`). `place_source` samples the inverse
+  bilinearly and binarizes the moved mask at 0.5.
+
 IMAGE tensors are [B,H,W,C] in [0,1]; MASK tensors are [B,H,W] (or [H,W]) with 1 = region.
 """
 
@@ -134,6 +145,17 @@ def _landing(anchor, src_hw, tgt_hw, p: Placement) -> tuple[float, float]:
     """Where the anchor lands on the target: same relative position (pixel-centre aware), plus the shift."""
     (ax, ay), (h, w), (ht, wt) = anchor, src_hw, tgt_hw
     return (ax + 0.5) * wt / w - 0.5 + p.shift_x, (ay + 0.5) * ht / h - 0.5 + p.shift_y
+
+
+def forward(anchor, src_hw, tgt_hw, p: Placement, points) -> list[tuple[float, float]]:
+    """T applied to source points (x, y) (pixel-centre coordinates): their target positions. `anchor` is
+    `mask_anchor` of the source mask, src_hw / tgt_hw the (H, W) of source and target."""
+    (ax, ay) = anchor
+    tx, ty = _landing(anchor, src_hw, tgt_hw, p)
+    theta = math.radians(p.rotation)
+    cos, sin = math.cos(theta), math.sin(theta)
+    return [(tx + p.scale * (cos * (x - ax) + sin * (y - ay)), ty + p.scale * (-sin * (x - ax) + cos * (y - ay)))
+            for x, y in points]
 
 
 def _inverse_grid(anchor, src_hw, tgt_hw, p: Placement, device, dtype) -> Tensor:

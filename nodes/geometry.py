@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..attention import color, edit
 from ..attention.roles import GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES
-from . import pipeline, renoise, validate
+from . import pipeline, placement_view, renoise, validate
 from .pipeline import Inverted, Scene
 
 CATEGORY = "harmonizing_attention/geometry_transfer"
@@ -70,7 +70,7 @@ class GeometryImageEdit(io.ComfyNode):
             target=target.expand(pairs, -1, -1, -1) if target.shape[0] != pairs else target,
             geometry=geometry, geometry_mask=geometry_mask,
         )
-        return io.NodeOutput(geometry, geometry_mask, scene)
+        return io.NodeOutput(geometry, geometry_mask, scene, ui=placement_view.ui_output(source, source_mask, target))
 
 
 class ColorShift(io.ComfyNode):
