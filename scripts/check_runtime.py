@@ -1,7 +1,8 @@
 """Exit 0 when this Python can start the ComfyUI whose requirements.txt is given, else print what is missing.
 
-Checks every essential requirement (the lines above "#non essential") at its version specifier, then
-imports the torch family, whose wheels must match each other (a mismatch fails only at import).
+Checks every line of ComfyUI's requirements.txt at its version specifier (the "non essential" ones too: the
+server imports some of them, e.g. pydantic, at start-up, and the environment env.sh builds installs them all),
+then imports the torch family, whose wheels must match each other (a mismatch fails only at import).
 Used by scripts/env.sh; standard library only, since it runs before any environment exists.
 """
 import importlib
@@ -14,8 +15,6 @@ def missing(requirements_txt: str) -> list[str]:
     problems = []
     for line in open(requirements_txt, encoding="utf-8"):
         line = line.strip()
-        if line.lower().startswith("#non essential"):
-            break
         if not line or line.startswith("#"):
             continue
         name, spec = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", line).groups()

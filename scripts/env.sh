@@ -17,7 +17,7 @@ if [ -z "${COMFYUI_PATH:-}" ] || [ ! -f "$COMFYUI_PATH/comfy/model_management.py
 fi
 export COMFYUI_PATH
 
-# Ready = every essential requirement of this ComfyUI (requirements.txt above "#non essential") is installed
+# Ready = every requirement of this ComfyUI (its requirements.txt, non-essential lines too) is installed
 # at a matching version, and the torch family imports (a mismatched torchvision/torchaudio fails only at import).
 runtime_ok() { "$1" "$PACK/scripts/check_runtime.py" "$COMFYUI_PATH/requirements.txt" >/dev/null 2>&1; }
 
