@@ -1,4 +1,5 @@
-"""Figures for notes/README-issue-16.md: the regional colour shift on a left-to-right gradient target.
+"""Figures for notes/README-issue-16.md: the regional colour shift on a left-to-right gradient target, and the
+reference share of Geometry-preserving Attention against the region's size (paper vs auto balance).
 
     python notes/figures/issue16_figures.py   (from the pack root, with the test venv's python)
 """
@@ -14,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.modules["harmonizing_attention"] = types.ModuleType("harmonizing_attention")
 sys.modules["harmonizing_attention"].__path__ = [str(ROOT)]
 from harmonizing_attention.attention import color, edit  # noqa: E402
+from harmonizing_attention.attention.kv import shared_attention  # noqa: E402
+from harmonizing_attention.attention.roles import PairLayout, balance, geometry_preserving_rules  # noqa: E402
 
 
 def load(name, mode="RGB"):
@@ -85,5 +88,47 @@ def main():
         print(name, "red column means left->right:", [round(m, 3) for m in means])
 
 
+def share(fraction, mode, weight=1.0, n=4096, heads=2):
+    """The source's share of an output query's attention with equal keys (all logits 0), measured through
+    kv.shared_attention with PyTorch's SDPA: values 1 on the source, 0 on the output row."""
+    def kernel(q, k, v, mask=None):
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        return out.transpose(1, 2).reshape(q.shape)
+
+    q = k = torch.zeros(2, n, 8)
+    v = torch.stack([torch.ones(n, 8), torch.zeros(n, 8)])
+    region = torch.arange(n) < max(1, round(fraction * n))
+    rules = geometry_preserving_rules(PairLayout(1, 1), balance=balance(mode, weight))
+    return float(shared_attention(q, k, v, rules, kernel, {0: region, 1: torch.zeros(n, dtype=torch.bool)})[1, 0, 0])
+
+
+def share_figure():
+    fractions = [0.005 * 1.25 ** i for i in range(22)]  # 0.5% .. ~54%
+    curves = [("paper (w = 1)", "paper", 1.0, (200, 0, 0)), ("auto", "auto", 1.0, (0, 0, 200)),
+              ("auto, balance_weight 2", "auto", 2.0, (0, 140, 0)), ("manual w = 3", "manual", 3.0, (150, 100, 0))]
+    canvas = Image.new("RGB", (640, 400), "white")
+    draw = ImageDraw.Draw(canvas)
+    x0, x1, y0, y1 = 60, 620, 30, 360
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    lx0, lx1 = np.log(fractions[0]), np.log(fractions[-1])
+    px = lambda f, s: (x0 + (x1 - x0) * (np.log(f) - lx0) / (lx1 - lx0), y1 - (y1 - y0) * s / 0.6)  # noqa: E731
+    for s in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
+        draw.text((20, px(fractions[0], s)[1] - 5), f"{s:.0%}", fill="black")
+    for f in (0.01, 0.1, 0.4):
+        draw.line([px(f, 0), px(f, 0.6)], fill=(210, 210, 210))
+        draw.text((px(f, 0)[0] - 10, y1 + 5), f"{f:.0%}", fill="black")
+    for i, (name, mode, weight, rgb) in enumerate(curves):
+        values = [share(f, mode, weight) for f in fractions]
+        draw.line([px(f, s) for f, s in zip(fractions, values)], fill=rgb, width=3)
+        draw.text((x0 + 10, y0 + 8 + 14 * i), name, fill=rgb)
+        print(name, "share at 1% / 40%:", round(share(0.01, mode, weight), 4), round(share(0.40, mode, weight), 4))
+    draw.text((x0 + 150, 8), "source share of attention (equal logits) vs region size (log scale)", fill="black")
+    out = ROOT / "notes" / "figures" / "issue16_balance_share.png"
+    canvas.save(out)
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
     main()
+    share_figure()
