@@ -120,7 +120,7 @@ def share_figure():
         draw.text((px(f, 0)[0] - 10, y1 + 5), f"{f:.0%}", fill="black")
     for i, (name, mode, weight, rgb) in enumerate(curves):
         values = [share(f, mode, weight) for f in fractions]
-        draw.line([px(f, s) for f, s in zip(fractions, values)], fill=rgb, width=3)
+        draw.line([px(f, s) for f, s in zip(fractions, values, strict=True)], fill=rgb, width=3)
         draw.text((x0 + 10, y0 + 8 + 14 * i), name, fill=rgb)
         print(name, "share at 1% / 40%:", round(share(0.01, mode, weight), 4), round(share(0.40, mode, weight), 4))
     draw.text((x0 + 150, 8), "source share of attention (equal logits) vs region size (log scale)", fill="black")
