@@ -235,7 +235,8 @@ class GeometryPreservingSampler(io.ComfyNode):
             category=CATEGORY,
             description="DDIM over the inversion's schedule, denoising the blended latent together with the "
                         "source. The output rows use Geometry-preserving Attention (eqs. 5-7): they also attend "
-                        "to the source's tokens inside the source mask, so the geometry survives denoising.",
+                        "to the source's tokens inside the source mask (with several geometries: every source's, each "
+                        "inside its own mask), so the geometry survives denoising.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the inversion used."),
                 io.Conditioning.Input("positive", tooltip="Paper: the empty prompt, as for the inversion."),
