@@ -45,9 +45,9 @@ class Balance:
     reference share of a query's attention is  s = w n_ref / (n_self + w n_ref).
     manual: w = weight.
     auto:   w = weight * n0 / n_ref, n0 the group's canonical size: `area` x the row's tokens for a
-            region reference (eqs. 6-7), the whole row for a whole-row reference (eq. 3's target).
-            Then s = weight n0 / (n_self + weight n0) does not depend on n_ref: every region gets the
-            share the paper (w = 1) gives a region of canonical size, at every layer.
+            region reference (eqs. 6-7); a whole-row reference (eq. 3's target) is its own canonical
+            size (w = weight). Then s = weight n0 / (n_self + weight n0) does not depend on n_ref:
+            every region gets the share the paper (w = 1) gives a region of canonical size, at every layer.
     """
 
     weight: float = 1.0
@@ -61,11 +61,10 @@ class Balance:
             raise ValueError(f"auto balance area must be in (0, 1], got {self.area}")
 
     def factor(self, n_keys: int, n_row: int, region_only: bool) -> float:
-        """w for a group of n_keys keys taken from a row of n_row tokens."""
-        if not self.auto:
+        """w for a group of n_keys keys: a region of a row of n_row tokens, or (not region_only) a whole row."""
+        if not (self.auto and region_only):
             return float(self.weight)
-        n0 = self.area * n_row if region_only else n_row
-        return float(self.weight) * n0 / n_keys
+        return float(self.weight) * self.area * n_row / n_keys
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,36 @@ class Ref:
 
 
 Refs = Optional[tuple[Ref, ...]]  # None: plain self-attention
+
+
+def _weights(refs: Refs, parts: Optional[list], n_row: int) -> Optional[list[tuple[int, float]]]:
+    """[(keys, w)] per part of a resolved rule ([(row, token index or None)]); None when every w is equal
+    (the softmax is then unchanged: no bias). n_row: tokens of a whole row (a region's canonical base)."""
+    if parts is None or all(ref.balance is None for ref in refs):
+        return None
+    balance = {(ref.row, ref.region_only): ref.balance for ref in refs}
+    groups = []
+    for row, index in parts:
+        n = n_row if index is None else index.numel()
+        b = balance.get((row, index is not None))
+        groups.append((n, 1.0 if b is None else b.factor(n, n_row, index is not None)))
+    return None if len({w for _, w in groups}) <= 1 else groups
+
+
+def _attend(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: list) -> torch.Tensor:
+    """kernel(q, k, v) for rows with weights[i] = [(keys, w)] per part or None: log(w) on those keys as the
+    kernel's mask, [rows, 1, 1, keys], in chunks of BIAS_QUERY_CHUNK queries; no mask when all are None."""
+    if all(w is None for w in weights):
+        return kernel(q, k, v)
+    bias = torch.stack([
+        k.new_zeros(k.shape[1]) if groups is None else
+        torch.cat([torch.full((n,), math.log(w), dtype=k.dtype, device=k.device) for n, w in groups])
+        for groups in weights])[:, None, None]
+    out = q.new_empty(q.shape[:2] + v.shape[2:])
+    for start in range(0, q.shape[1], BIAS_QUERY_CHUNK):
+        chunk = slice(start, start + BIAS_QUERY_CHUNK)
+        out[:, chunk] = kernel(q[:, chunk], k, v, mask=bias)
+    return out
 
 
 def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optional[list]:
@@ -99,30 +128,6 @@ def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optio
     if not parts or parts == [(row, None)]:
         return None
     return parts
-
-
-def _count(index: torch.Tensor) -> int:
-    return int(index.sum()) if index.dtype == torch.bool else index.numel()
-
-
-def _weights(refs: Refs, regions: Mapping[int, torch.Tensor], n_row: int) -> Optional[list[tuple[int, float]]]:
-    """[(keys, w)] per group of a rule, in _resolve's order; None when all w are equal (no bias needed)."""
-    if refs is None or all(ref.balance is None for ref in refs):
-        return None
-    groups = []
-    for ref in refs:
-        n = _count(regions[ref.row]) if ref.region_only else n_row
-        if n == 0:
-            continue  # _resolve drops it too
-        groups.append((n, 1.0 if ref.balance is None else ref.balance.factor(n, n_row, ref.region_only)))
-    if len({w for _, w in groups}) <= 1:
-        return None
-    return groups
-
-
-def _bias(groups: list[tuple[int, float]], like: torch.Tensor) -> torch.Tensor:
-    """log(w) per key: [keys] in the kernel's dtype."""
-    return torch.cat([torch.full((n,), math.log(w), dtype=like.dtype, device=like.device) for n, w in groups])
 
 
 def _gather(t: torch.Tensor, parts: list) -> torch.Tensor:
@@ -170,23 +175,14 @@ def shared_attention(
         if parts is not None:
             length = sum(k.shape[1] if index is None else index.numel() for _, index in parts)
             groups.setdefault(length, []).append(r)
-    weights = [None if parts is None else _weights(refs[r], regions or {}, k.shape[1])
-               for r, parts in enumerate(resolved)]
+    weights = [_weights(refs[r], parts, k.shape[1]) for r, parts in enumerate(resolved)]
     for rows in groups.values():
         k_cat = torch.stack([_gather(k, resolved[r]) for r in rows])  # [len(rows), keys, C]
         v_cat = torch.stack([_gather(v, resolved[r]) for r in rows])
-        if all(weights[r] is None for r in rows):
-            out[rows] = ref_kernel(q[rows], k_cat, v_cat)
-            continue
-        zero = k_cat.new_zeros(k_cat.shape[1])
-        bias = torch.stack([zero if weights[r] is None else _bias(weights[r], k_cat) for r in rows])[:, None, None]
-        for start in range(0, q.shape[1], BIAS_QUERY_CHUNK):
-            chunk = slice(start, start + BIAS_QUERY_CHUNK)
-            out[rows, chunk] = ref_kernel(q[rows, chunk], k_cat, v_cat, mask=bias)  # bias: [len(rows), 1, 1, keys]
-        if report is not None:
-            for r in rows:
-                if weights[r] is not None:
-                    report(r, weights[r])
+        out[rows] = _attend(ref_kernel, q[rows], k_cat, v_cat, [weights[r] for r in rows])
+    for r, groups_of_r in enumerate(weights):
+        if report is not None and groups_of_r is not None:
+            report(r, groups_of_r)
     return out
 
 
