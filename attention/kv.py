@@ -80,9 +80,11 @@ class Ref:
 Refs = Optional[tuple[Ref, ...]]  # None: plain self-attention
 
 
-def _weights(refs: Refs, parts: Optional[list], n_row: int) -> Optional[list[tuple[int, float]]]:
+def _weights(refs: Refs, parts: Optional[list], n_row: int, n_image: Optional[int] = None
+             ) -> Optional[list[tuple[int, float]]]:
     """[(keys, w)] per part of a resolved rule ([(row, token index or None)]); None when every w is equal
-    (the softmax is then unchanged: no bias). n_row: tokens of a whole row (a region's canonical base)."""
+    (the softmax is then unchanged: no bias). n_row: tokens of a whole row; n_image: the tokens a region mask
+    indexes, a region's canonical base for auto (default n_row; fewer where a row also holds text tokens)."""
     if parts is None or all(ref.balance is None for ref in refs):
         return None
     balance = {(ref.row, ref.region_only): ref.balance for ref in refs}
@@ -90,7 +92,7 @@ def _weights(refs: Refs, parts: Optional[list], n_row: int) -> Optional[list[tup
     for row, index in parts:
         n = n_row if index is None else index.numel()
         b = balance.get((row, index is not None))
-        groups.append((n, 1.0 if b is None else b.factor(n, n_row, index is not None)))
+        groups.append((n, 1.0 if b is None else b.factor(n, n_image or n_row, index is not None)))
     return None if len({w for _, w in groups}) <= 1 else groups
 
 
