@@ -201,7 +201,7 @@ class TextureAligningInversion(io.ComfyNode):
         renoise.check(renoise_iterations, renoise_average)
         weights, report = _balance(balance, balance_weight), []
         inverted = pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations, renoise_average,
-                                   attention, weights, report)
+                                   attention, balance=weights, report=report)
         return io.NodeOutput(inverted, ui=_balance_ui("texture-aligning", report))
 
 
@@ -274,7 +274,8 @@ class GeometryPreservingSampler(io.ComfyNode):
             raise ValueError(f"the latents were inverted with a {inverted.model_family} model but this sampler has a "
                              f"{family} model: connect the same MODEL to both nodes")
         weights, report = _balance(balance, balance_weight), []
-        out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, weights, report)
+        out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, balance=weights,
+                                     report=report)
         return io.NodeOutput({"samples": out}, {"samples": src}, ui=_balance_ui("geometry-preserving", report))
 
 

@@ -199,7 +199,7 @@ def _log_balance(plan: RowPlan, stage: str, report: Optional[list]) -> None:
 
 
 def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
-           mode: str, balance: Optional[Balance] = None, report: Optional[list] = None) -> Inverted:
+           mode: str, *, balance: Optional[Balance] = None, report: Optional[list] = None) -> Inverted:
     """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention.
     `balance` weighs the target's keys (kv.Balance); `report` receives the weights each layer got."""
     layout = scene.layout
@@ -231,7 +231,7 @@ def blend_latents(inverted: Inverted, feather: float) -> Inverted:
     return replace(inverted, blended=blend(z_geo, z_tar, m), blend_mask=m)
 
 
-def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str,
+def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str, *,
              balance: Optional[Balance] = None, report: Optional[list] = None):
     """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents.
     `balance` weighs each source's keys (kv.Balance); `report` receives the weights each layer got."""
