@@ -1,10 +1,13 @@
-"""Colour adjustment of the geometry image: eq. 1's uniform shift and the ablation's histogram matching.
+"""Colour adjustment of the geometry image: eq. 1's uniform shift, its regional variant (c_tar varies with
+position) and the ablation's histogram matching.
 
 IMAGE tensors are [B,H,W,C] in [0,1]; MASK tensors are [B,H,W] (or [H,W]), binarized at 0.5.
 Batches broadcast as in edit.place_source: each input has batch size 1 or the common size B.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,50 @@ def mean_shift(
         raise ValueError(f"colour shift strength a must be in [0, 1], got {strength}")
     if strength == 0:
         return geometry_image.clone()
+    return _eq1(geometry_image, geometry_mask, source, source_mask, target, strength, ring_width)[0].clamp(0.0, 1.0)
+
+
+def regional_shift(
+    geometry_image: Tensor,
+    geometry_mask: Tensor,
+    source: Tensor,
+    source_mask: Tensor,
+    target: Tensor,
+    strength: float,
+    ring_width: int,
+    working_size: int = 128,
+) -> Tensor:
+    """Eq. 1 with a c_tar that varies with position, from the target's colour on ring(M_geo) near each pixel:
+
+        c_tar(x) = sum_r K(x - r) t(r) / sum_r K(x - r)    over the ring pixels r,  K(d) = (d^2 + s^2)^(-3/2)
+        p_geo(x) = p~(x) + a M_geo(x) (c_tar(x) - c_src),  then clamped to [0,1] like eq. 1
+
+    s = max(ring_width, grid cell) px softens the kernel. c_tar(x) is a normalised weighted mean of the ring's
+    colours with a smooth kernel of x, so it is smooth across the patch and follows the light and colour of
+    the target around each part of it; far ring pixels still count (K decays as d^-3, not to zero), so
+    every pixel of a large patch has a defined colour. Evaluated on a grid of at most `working_size` cells per
+    side (ring colours summed per cell) and bilinearly upsampled.
+
+    Exactness: computed as eq. 1 plus a M_geo(x) (c_tar(x) - c_tar), the difference taken on t(r) - t(r0) (r0
+    the ring's first pixel) and skipped when that is zero everywhere: where the target's ring is uniform the
+    result is eq. 1's, bit for bit.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"colour shift strength a must be in [0, 1], got {strength}")
+    if strength == 0:
+        return geometry_image.clone()
+    out, m, r, target = _eq1(geometry_image, geometry_mask, source, source_mask, target, strength, ring_width)
+    out = out.clone()
+    for i in range(out.shape[0]):
+        field = _regional_field(target[i], r[i], m[i, ..., 0], ring_width, working_size)
+        if field is not None:
+            out[i] += m[i] * (strength * field).to(out.dtype)
+    return out.clamp(0.0, 1.0)
+
+
+def _eq1(geometry_image, geometry_mask, source, source_mask, target, strength, ring_width):
+    """Eq. 1 unclamped, and what the regional variant reuses: (out, M_geo [B,H,W,1], ring(M_geo) [B,H,W],
+    target [B,H,W,C]), all at the common batch B."""
     geometry_mask, source_mask = _batched_mask(geometry_mask), _batched_mask(source_mask)
     _check_image("geometry image", geometry_image)
     _check_same_size(geometry_image, geometry_mask, "geometry image", "geometry mask")
@@ -61,7 +108,44 @@ def mean_shift(
     shift = strength * (c_tar - c_src).to(geometry_image.dtype)  # [B,C]
     m = binarize(geometry_mask).to(geometry_image.dtype).unsqueeze(-1)  # [B,H,W,1]
     out = geometry_image + m * shift[:, None, None, :]
-    return _expand_batch(out, b).clamp(0.0, 1.0)
+    return _expand_batch(out, b), _expand_batch(m, b), _expand_batch(ring(geometry_mask, ring_width), b), \
+        _expand_batch(target, b)
+
+
+def _regional_field(target: Tensor, r: Tensor, m: Tensor, ring_width: int, working_size: int):
+    """c_tar(x) - c_tar for one image ([H,W,C] target, [H,W] ring and mask), or None where it is zero."""
+    h, w = r.shape
+    first = int(torch.nonzero(r.flatten() > 0)[0])
+    dev = (target.double() - target.reshape(h * w, -1)[first].double()) * r[..., None].double()  # t(r) - t(r0)
+    if not dev.any():
+        return None
+    mean_dev = dev.sum(dim=(0, 1)) / r.double().sum()  # c_tar - t(r0)
+    f = max(1, math.ceil(max(h, w) / working_size))  # grid cell: f x f pixels
+    hp, wp = -(-h // f) * f, -(-w // f) * f
+
+    def cells(x: Tensor) -> Tensor:  # [H,W,C] -> [h',w',C] sums per cell (zero padding adds nothing)
+        x = F.pad(x.permute(2, 0, 1), (0, wp - w, 0, hp - h))
+        return F.avg_pool2d(x[None], f)[0].permute(1, 2, 0) * f * f
+
+    ring_sum, ring_count = cells(dev), cells(r[..., None].double())[..., 0]
+    mask_cells = cells(m[..., None].double())[..., 0] > 0
+    ys, xs = torch.nonzero(ring_count > 0, as_tuple=True)
+    centre = lambda i: (i.double() + 0.5) * f - 0.5  # noqa: E731  cell centre in pixels
+    ry, rx, rc, rs = centre(ys), centre(xs), ring_count[ys, xs], ring_sum[ys, xs]  # [n_ring], [n_ring, C]
+    # cells whose bilinear footprint touches the mask: the mask's cells and their neighbours
+    near = F.max_pool2d(mask_cells[None, None].double(), 3, stride=1, padding=1)[0, 0] > 0
+    qy, qx = torch.nonzero(near, as_tuple=True)
+    soft2 = float(max(ring_width, f)) ** 2
+    grid = torch.zeros(hp // f, wp // f, dev.shape[-1], dtype=torch.float64, device=dev.device)
+    for start in range(0, qy.numel(), 2048):  # [chunk, n_ring] kernel matrix per chunk: bounded memory
+        cy, cx = centre(qy[start:start + 2048]), centre(qx[start:start + 2048])
+        d2 = (cy[:, None] - ry).square_() + (cx[:, None] - rx).square_() + soft2
+        k = (d2 * d2.sqrt()).reciprocal_()
+        grid[qy[start:start + 2048], qx[start:start + 2048]] = (k @ rs) / (k @ rc)[:, None] - mean_dev
+    if f > 1:
+        grid = F.interpolate(grid.permute(2, 0, 1)[None], size=(hp, wp), mode="bilinear", align_corners=False)[0]
+        grid = grid.permute(1, 2, 0)
+    return grid[:h, :w]
 
 
 def histogram_match(geometry_image: Tensor, geometry_mask: Tensor, target: Tensor, ring_width: int) -> Tensor:

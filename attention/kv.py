@@ -10,28 +10,106 @@ keys/values of a few batch rows, each taken whole or only inside that row's regi
 Rows without a rule keep plain self-attention. Keys are gathered, never masked with -inf, and the
 attention itself is computed by the host's kernel, so no N x N map is ever materialised (except in
 `contrast_attention`, which needs the map and computes it in query chunks).
+
+Balance (a `Balance` on a Ref): the group's attention mass is multiplied by a weight w before the
+softmax normalises, i.e. log(w) is added to the logits of that group's keys. It reaches the host's
+kernel as its additive float `mask`, shaped [rows, 1, 1, keys] (broadcast over heads and queries:
+memory linear in the keys). When every group of a row has the same weight the softmax is unchanged
+and no mask is passed at all, so w = 1 is the paper bit for bit.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-# kernel(q, k, v) -> out, all [rows, tokens, heads * dim_head] (ComfyUI's optimized_attention layout)
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# kernel(q, k, v) -> out, all [rows, tokens, heads * dim_head] (ComfyUI's optimized_attention layout).
+# With a balance it is called as kernel(q, k, v, mask=bias), bias an additive float [rows, 1, 1, keys].
+Kernel = Callable[..., torch.Tensor]
+
+# auto balance: a region reference weighs as if it covered this fraction of its row's tokens
+AUTO_AREA = 0.1
+# queries per kernel call when a bias is passed: a host kernel that expands the bias to [rows, 1, queries,
+# keys] (ComfyUI's xformers path does) then holds at most this many queries' worth, linear in the keys
+BIAS_QUERY_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class Balance:
+    """A weight w on one reference group's attention mass (log(w) on its keys' logits).
+
+    With n_self keys of weight 1 and n_ref reference keys of weight w, all of equal logit, the
+    reference share of a query's attention is  s = w n_ref / (n_self + w n_ref).
+    manual: w = weight.
+    auto:   w = weight * n0 / n_ref, n0 the group's canonical size: `area` x the row's tokens for a
+            region reference (eqs. 6-7); a whole-row reference (eq. 3's target) is its own canonical
+            size (w = weight). Then s = weight n0 / (n_self + weight n0) does not depend on n_ref:
+            every region gets the share the paper (w = 1) gives a region of canonical size, at every layer.
+    """
+
+    weight: float = 1.0
+    auto: bool = False
+    area: float = AUTO_AREA
+
+    def __post_init__(self):
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"balance weight must be a finite number > 0, got {self.weight}")
+        if not 0 < self.area <= 1:
+            raise ValueError(f"auto balance area must be in (0, 1], got {self.area}")
+
+    def factor(self, n_keys: int, n_row: int, region_only: bool) -> float:
+        """w for a group of n_keys keys: a region of a row of n_row tokens, or (not region_only) a whole row."""
+        if not (self.auto and region_only):
+            return float(self.weight)
+        return float(self.weight) * self.area * n_row / n_keys
 
 
 @dataclass(frozen=True)
 class Ref:
-    """Keys/values of batch row `row`; with `region_only`, only its tokens inside its region mask."""
+    """Keys/values of batch row `row`; with `region_only`, only its tokens inside its region mask;
+    `balance`: a weight on this group's attention mass (None: 1, the paper)."""
 
     row: int
     region_only: bool = False
+    balance: Optional[Balance] = None
 
 
 Refs = Optional[tuple[Ref, ...]]  # None: plain self-attention
+
+
+def _weights(refs: Refs, parts: Optional[list], n_row: int, n_image: Optional[int] = None
+             ) -> Optional[list[tuple[int, float]]]:
+    """[(keys, w)] per part of a resolved rule ([(row, token index or None)]); None when every w is equal
+    (the softmax is then unchanged: no bias). n_row: tokens of a whole row; n_image: the tokens a region mask
+    indexes, a region's canonical base for auto (default n_row; fewer where a row also holds text tokens)."""
+    if parts is None or all(ref.balance is None for ref in refs):
+        return None
+    balance = {(ref.row, ref.region_only): ref.balance for ref in refs}
+    groups = []
+    for row, index in parts:
+        n = n_row if index is None else index.numel()
+        b = balance.get((row, index is not None))
+        groups.append((n, 1.0 if b is None else b.factor(n, n_image or n_row, index is not None)))
+    return None if len({w for _, w in groups}) <= 1 else groups
+
+
+def _attend(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: list) -> torch.Tensor:
+    """kernel(q, k, v) for rows with weights[i] = [(keys, w)] per part or None: log(w) on those keys as the
+    kernel's mask, [rows, 1, 1, keys], in chunks of BIAS_QUERY_CHUNK queries; no mask when all are None."""
+    if all(w is None for w in weights):
+        return kernel(q, k, v)
+    bias = torch.stack([
+        k.new_zeros(k.shape[1]) if groups is None else
+        torch.cat([torch.full((n,), math.log(w), dtype=k.dtype, device=k.device) for n, w in groups])
+        for groups in weights])[:, None, None]
+    out = q.new_empty(q.shape[:2] + v.shape[2:])
+    for start in range(0, q.shape[1], BIAS_QUERY_CHUNK):
+        chunk = slice(start, start + BIAS_QUERY_CHUNK)
+        out[:, chunk] = kernel(q[:, chunk], k, v, mask=bias)
+    return out
 
 
 def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optional[list]:
@@ -67,6 +145,7 @@ def shared_attention(
     regions: Optional[Mapping[int, torch.Tensor]] = None,
     ref_kernel: Optional[Kernel] = None,
     base: Optional[torch.Tensor] = None,
+    report: Optional[Callable[[int, list[tuple[int, float]]], None]] = None,
 ) -> torch.Tensor:
     """Attention where row r's keys/values are those named by refs[r].
 
@@ -74,7 +153,9 @@ def shared_attention(
     mask or an index tensor (only rows referenced with region_only need one). `kernel` computes plain rows; `ref_kernel` (default:
     kernel) the rows with a rule. `base`, when given, is the plain output of the whole batch already
     computed (by another patch being chained): plain rows take it as is. When no row has an
-    effective rule, the result is exactly kernel(q, k, v) (or `base`).
+    effective rule, the result is exactly kernel(q, k, v) (or `base`). Refs with a `balance` add
+    log(w) to their keys' logits (see Balance); `report(row, [(keys, w) per group])` is told the
+    weights of every row that got a bias.
     """
     if len(refs) != q.shape[0]:
         raise ValueError(f"{len(refs)} attention rules for a batch of {q.shape[0]} rows")
@@ -96,19 +177,27 @@ def shared_attention(
         if parts is not None:
             length = sum(k.shape[1] if index is None else index.numel() for _, index in parts)
             groups.setdefault(length, []).append(r)
+    weights = [_weights(refs[r], parts, k.shape[1]) for r, parts in enumerate(resolved)]
     for rows in groups.values():
         k_cat = torch.stack([_gather(k, resolved[r]) for r in rows])  # [len(rows), keys, C]
         v_cat = torch.stack([_gather(v, resolved[r]) for r in rows])
-        out[rows] = ref_kernel(q[rows], k_cat, v_cat)
+        out[rows] = _attend(ref_kernel, q[rows], k_cat, v_cat, [weights[r] for r in rows])
+    for r, groups_of_r in enumerate(weights):
+        if report is not None and groups_of_r is not None:
+            report(r, groups_of_r)
     return out
 
 
-def reference_attention(q, k, v, heads: int) -> torch.Tensor:
-    """Naive softmax(q k^T / sqrt(d)) v with the explicit map: the tests' ground truth."""
+def reference_attention(q, k, v, heads: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Naive softmax(q k^T / sqrt(d) + bias) v in float64 with the explicit map: the tests' ground truth.
+    bias: additive logits broadcastable to [B, heads, N, keys] (e.g. [keys] or [B, 1, 1, keys])."""
     b, n, c = q.shape
     d = c // heads
     qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2).double() for t in (q, k, v))
-    weights = torch.softmax(qh @ kh.transpose(-1, -2) / d ** 0.5, dim=-1)
+    logits = qh @ kh.transpose(-1, -2) / d ** 0.5
+    if bias is not None:
+        logits = logits + bias.double()
+    weights = torch.softmax(logits, dim=-1)
     return (weights @ vh).transpose(1, 2).reshape(b, n, c).to(q.dtype)
 
 

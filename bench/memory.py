@@ -11,11 +11,15 @@ What is measured:
   figure is a lower bound of the true peak; the same applies to plain and patched.
 The growth exponent is the least-squares slope of log(peak) against log(tokens) (1 = linear, 2 = quadratic).
 
+Modes: attention_overhead.py's, and `<mode>+balance`: the same rules with a balance (w = 4) on the
+reference keys, which reaches the host's kernel as a [rows, 1, 1, keys] additive mask.
+
     python bench/memory.py [--quick] [--cpu] [--models tiny,sd15] [--sizes 32,64,96,128]
 """
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import os
 import sys
@@ -90,6 +94,19 @@ def peak_bytes(fn, device, libc) -> int:
     return m.used
 
 
+def balanced_plan(mode: str, size: int):
+    """plan_for(mode), or with `+balance` the same rules with Balance(4) on every reference group."""
+    from harmonizing_attention.attention.kv import Balance
+
+    base, _, balanced = mode.partition("+")
+    plan = plan_for(base, size)
+    if not balanced:
+        return plan
+    rules = [None if refs is None else tuple(dataclasses.replace(ref, balance=Balance(4.0)) if i else ref
+                                             for i, ref in enumerate(refs)) for refs in plan.rules(None)]
+    return dataclasses.replace(plan, rules=lambda layer: rules)
+
+
 def slope(xs, ys) -> float:
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
@@ -99,7 +116,8 @@ def slope(xs, ys) -> float:
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", default=None, help="latent sizes (default 32,64,96,128; --quick 16,32,48)")
-    p.add_argument("--modes", default="texture_aligning,geometry_preserving,cross_image")
+    p.add_argument("--modes", default="texture_aligning,geometry_preserving,cross_image,"
+                                      "texture_aligning+balance,geometry_preserving+balance")
     args = p.parse_args(argv)
     libc = _libc()
     device = common.start(args.cpu, args.threads)
@@ -116,7 +134,7 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             peaks = {"plain": [], "patched": []}
             for size in sizes:
-                plan = plan_for(mode, size)
+                plan = balanced_plan(mode, size)
                 patched_model = apply_plan(plain_model, plan)
                 forward = common.Forward(plain_model, plan.rows, size, device)
                 forward(plain_model)  # warm-up (first-call allocations)

@@ -1,4 +1,5 @@
-"""Harmonizing Attention's five stages as ComfyUI nodes: schema, checks, one call each.
+"""Harmonizing Attention's five stages as ComfyUI nodes (+ HA_AddGeometry for several geometries): schema, checks,
+one call each.
 
 Node IDs are workflow identity: never rename one.
 """
@@ -9,7 +10,8 @@ from dataclasses import replace
 from comfy_api.latest import io
 
 from ..attention import color, edit
-from ..attention.roles import GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES
+from ..attention.kv import AUTO_AREA
+from ..attention.roles import BALANCE_MODES, GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES, balance
 from . import pipeline, placement_view, renoise, validate
 from .pipeline import Inverted, Scene
 
@@ -17,7 +19,29 @@ CATEGORY = "harmonizing_attention/geometry_transfer"
 SceneType = io.Custom("HA_SCENE")
 InvertedType = io.Custom("HA_INVERTED")
 
-COLOR_MODES = ("mean_shift", "none", "histogram")
+COLOR_MODES = ("mean_shift", "none", "histogram", "regional")
+AUTO_SHARE = f"{100 * AUTO_AREA / (1 + AUTO_AREA):.1f}%"
+
+BALANCE_WEIGHT_TOOLTIP = ("manual: the weight w on the reference keys' total attention (log w added to their logits); "
+                          "1 = the paper, 2 doubles their mass before the softmax normalises. auto: multiplies the "
+                          "automatic weight (1 = the canonical share).")
+
+
+def balance_inputs(reference: str, auto_note: str) -> list:
+    return [
+        io.Combo.Input("balance", options=list(BALANCE_MODES), default="paper", optional=True,
+                       tooltip=f"Weight of the {reference} against the row's own tokens. paper: as published (w = 1). "
+                               f"manual: w = balance_weight. auto: {auto_note} The weights each layer got are "
+                               "shown on the node and logged."),
+        io.Float.Input("balance_weight", default=1.0, min=0.01, max=100.0, step=0.01, optional=True,
+                       tooltip=BALANCE_WEIGHT_TOOLTIP),
+    ]
+
+
+def _balance_ui(stage: str, lines: list[str]):
+    if not lines:
+        return None
+    return {"text": (f"{stage} balance per layer (keys, weight, share at equal logits):\n" + "\n".join(lines),)}
 
 
 class GeometryImageEdit(io.ComfyNode):
@@ -87,7 +111,11 @@ class ColorShift(io.ComfyNode):
                 SceneType.Input("scene"),
                 io.Combo.Input("mode", options=list(COLOR_MODES), default="mean_shift",
                                tooltip="mean_shift: eq. 1 (paper). none: no adjustment (a = 0). histogram: match "
-                                       "the patch's per-channel histogram to the target ring (the paper's ablation)."),
+                                       "the patch's per-channel histogram to the target ring (the paper's ablation). "
+                                       "regional: eq. 1 with c_tar varying across the patch, from the target ring's "
+                                       "colours weighted by distance (follows light and colour gradients; equals "
+                                       "mean_shift where the ring is uniform). Several geometries: each is shifted "
+                                       "by its own rings."),
                 io.Float.Input("strength", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="a in eq. 1: 0 keeps the source colour, 1 moves its mean fully to the target's. "
                                        "Paper: 0.5."),
@@ -104,14 +132,28 @@ class ColorShift(io.ComfyNode):
     def execute(cls, scene: Scene, mode, strength, ring_width) -> io.NodeOutput:
         if mode not in COLOR_MODES:
             raise ValueError(f"colour mode {mode!r}: choose one of {COLOR_MODES}")
-        if mode == "mean_shift":
-            geometry = color.mean_shift(scene.geometry, scene.geometry_mask, scene.source, scene.source_mask,
-                                        scene.target, strength, ring_width)
-        elif mode == "histogram":
-            geometry = color.histogram_match(scene.geometry, scene.geometry_mask, scene.target, ring_width)
-        else:
-            geometry = scene.geometry
-        return io.NodeOutput(geometry, replace(scene, geometry=geometry))
+        geometry = scene.geometry
+        for source, source_mask, part in scene.parts():  # one geometry: (scene.source, .source_mask, .geometry_mask)
+            geometry = _shift_part(mode, geometry, part, source, source_mask, scene.target, strength, ring_width)
+        return io.NodeOutput(geometry, replace(scene, geometry=geometry, color_adjusted=True))
+
+
+def _shift_part(mode, geometry, part, source, source_mask, target, strength, ring_width):
+    """Colour-adjust the pixels of one geometry's visible part (rows where it is hidden stay as they are)."""
+    if mode == "none":
+        return geometry
+    shown = part.flatten(1).amax(1) >= 0.5
+    if not shown.all():  # hidden under later geometries in some pairs: adjust the other pairs only
+        out = geometry.clone()
+        if shown.any():
+            pick = lambda t: t[shown] if t.shape[0] > 1 else t  # noqa: E731
+            out[shown] = _shift_part(mode, geometry[shown], part[shown], pick(source), pick(source_mask),
+                                     pick(target), strength, ring_width)
+        return out
+    if mode == "histogram":
+        return color.histogram_match(geometry, part, target, ring_width)
+    shift = color.regional_shift if mode == "regional" else color.mean_shift
+    return shift(geometry, part, source, source_mask, target, strength, ring_width)
 
 
 class TextureAligningInversion(io.ComfyNode):
@@ -136,6 +178,9 @@ class TextureAligningInversion(io.ComfyNode):
                 io.Combo.Input("attention", options=list(TEXTURE_ALIGNING_MODES), default="texture_aligning",
                                tooltip="texture_aligning: [K_geo; K_tar] (eq. 3). geometry_only: plain self-attention. "
                                        "target_only: K_tar only (the paper's ablation 4.6.2)."),
+                *balance_inputs("target's keys (texture)",
+                                "the reference here is the whole target, whose share (1/2 at equal logits) never "
+                                "depends on the region's size, so auto is w = balance_weight (1: the paper)."),
             ],
             outputs=[InvertedType.Output(display_name="inverted", tooltip="Inverted latents with their schedule and masks.")],
         )
@@ -146,7 +191,7 @@ class TextureAligningInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, conditioning, scene: Scene, steps, renoise_iterations, renoise_average,
-                attention) -> io.NodeOutput:
+                attention, balance="paper", balance_weight=1.0) -> io.NodeOutput:
         validate.unet(model)
         validate.inpaint_conditioning_free(conditioning, "HA_TextureAligningInversion")
         validate.same_size("source", scene.source, "target", scene.target,
@@ -154,8 +199,10 @@ class TextureAligningInversion(io.ComfyNode):
                            "(ImageScale) before HA_GeometryImageEdit")
         validate.latent_size("target", scene.target)
         renoise.check(renoise_iterations, renoise_average)
-        return io.NodeOutput(pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations,
-                                             renoise_average, attention))
+        weights, report = _balance(balance, balance_weight), []
+        inverted = pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations, renoise_average,
+                                   attention, balance=weights, report=report)
+        return io.NodeOutput(inverted, ui=_balance_ui("texture-aligning", report))
 
 
 class LatentBlend(io.ComfyNode):
@@ -188,7 +235,8 @@ class GeometryPreservingSampler(io.ComfyNode):
             category=CATEGORY,
             description="DDIM over the inversion's schedule, denoising the blended latent together with the "
                         "source. The output rows use Geometry-preserving Attention (eqs. 5-7): they also attend "
-                        "to the source's tokens inside the source mask, so the geometry survives denoising.",
+                        "to the source's tokens inside the source mask (with several geometries: every source's, each "
+                        "inside its own mask), so the geometry survives denoising.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the inversion used."),
                 io.Conditioning.Input("positive", tooltip="Paper: the empty prompt, as for the inversion."),
@@ -199,6 +247,11 @@ class GeometryPreservingSampler(io.ComfyNode):
                 io.Combo.Input("attention", options=list(GEOMETRY_PRESERVING_MODES), default="geometry_preserving",
                                tooltip="geometry_preserving: [K_out; K_src inside M_src] (eq. 5). self_only: plain "
                                        "self-attention. source_only: K_src inside M_src only (ablation 4.6.3)."),
+                *balance_inputs("source's keys inside its mask (geometry)",
+                                "the paper's source share follows the region's size (about 1% for a region of 1% of "
+                                "the image, 29% for 40%: sec. 4.7's limit); auto gives every region, at every layer, "
+                                f"the share the paper gives a region of {AUTO_AREA:.0%} of the image ({AUTO_SHARE} at "
+                                "equal logits), times balance_weight. With several geometries, each source on its own."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The composites, one per pair: connect to VAEDecode."),
@@ -208,7 +261,8 @@ class GeometryPreservingSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, inverted: Inverted, cfg, attention) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, inverted: Inverted, cfg, attention, balance="paper",
+                balance_weight=1.0) -> io.NodeOutput:
         validate.unet(model)
         validate.inpaint_conditioning_free(positive, "HA_GeometryPreservingSampler")
         validate.inpaint_conditioning_free(negative, "HA_GeometryPreservingSampler")
@@ -219,8 +273,69 @@ class GeometryPreservingSampler(io.ComfyNode):
         if family != inverted.model_family:
             raise ValueError(f"the latents were inverted with a {inverted.model_family} model but this sampler has a "
                              f"{family} model: connect the same MODEL to both nodes")
-        out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention)
-        return io.NodeOutput({"samples": out}, {"samples": src})
+        weights, report = _balance(balance, balance_weight), []
+        out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, balance=weights,
+                                     report=report)
+        return io.NodeOutput({"samples": out}, {"samples": src}, ui=_balance_ui("geometry-preserving", report))
 
 
-NODES = [GeometryImageEdit, ColorShift, TextureAligningInversion, LatentBlend, GeometryPreservingSampler]
+def _balance(mode, weight):
+    if mode not in BALANCE_MODES:
+        raise ValueError(f"balance {mode!r}: choose one of {BALANCE_MODES}")
+    return balance(mode, weight)
+
+
+class AddGeometry(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HA_AddGeometry",
+            display_name="Add Geometry (Harmonizing Attention)",
+            category=CATEGORY,
+            description="Adds one more geometry (source, mask, placement) to a scene, for several geometries on one "
+                        "target in one inversion and one generation. Chain one per extra geometry after "
+                        "HA_GeometryImageEdit, before HA_ColorShift. Where placements overlap, the geometry added "
+                        "last is on top (its pixels and mask win). The output attends to every source inside its "
+                        "own mask; the batch gains one source row per geometry.",
+            inputs=[
+                SceneType.Input("scene", tooltip="From HA_GeometryImageEdit or another HA_AddGeometry."),
+                io.Image.Input("source", tooltip="The image holding this geometry; the same size as the scene's sources."),
+                io.Mask.Input("source_mask", tooltip="1 on the geometry to transfer; binarised at 0.5. Same size as source."),
+                io.Float.Input("shift_x", default=0.0, min=-16384.0, max=16384.0, step=1.0,
+                               tooltip="Target pixels, + right. 0 keeps the mask's relative position on the target."),
+                io.Float.Input("shift_y", default=0.0, min=-16384.0, max=16384.0, step=1.0,
+                               tooltip="Target pixels, + down."),
+                io.Float.Input("scale", default=1.0, min=0.05, max=8.0, step=0.01,
+                               tooltip="Uniform scale about the centre of the mask's bounding box."),
+                io.Float.Input("rotation", default=0.0, min=-360.0, max=360.0, step=0.5,
+                               tooltip="Degrees, counter-clockwise, about the centre of the mask's bounding box."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="geometry", tooltip="Every geometry so far pasted on the target (for preview)."),
+                io.Mask.Output(display_name="geometry_mask", tooltip="The union of the geometries' masks on the target."),
+                SceneType.Output(display_name="scene"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, scene: Scene, source, source_mask, shift_x, shift_y, scale, rotation) -> io.NodeOutput:
+        if scene.color_adjusted:
+            raise ValueError("this scene has been through HA_ColorShift: add every geometry first (HA_AddGeometry "
+                             "chain), then HA_ColorShift once, so each geometry is shifted exactly once by its own rings")
+        validate.image("source", source)
+        validate.mask("source_mask", source_mask)
+        validate.same_size("source_mask", source_mask, "source", source,
+                           "resize the mask to the image (e.g. with ImageScale / a mask resize node)")
+        validate.same_size("source", source, "the scene's first source", scene.source,
+                           "every source is inverted in one batch: scale it to the same size (ImageScale)")
+        validate.batches("source_mask", source_mask.shape[0], "source", source.shape[0])
+        pairs, n = scene.geometry.shape[0], max(source.shape[0], source_mask.shape[0])
+        if n not in (1, pairs):
+            raise ValueError(f"source has a batch of {n} but the scene has {pairs} targets: give one source, "
+                             "or one per target")
+        placement = edit.Placement(shift_x=shift_x, shift_y=shift_y, scale=scale, rotation=rotation)
+        scene = pipeline.add_geometry(scene, source.to(scene.source), source_mask.to(scene.source_mask), placement)
+        return io.NodeOutput(scene.geometry, scene.geometry_mask, scene)
+
+
+NODES = [GeometryImageEdit, ColorShift, TextureAligningInversion, LatentBlend, GeometryPreservingSampler, AddGeometry]

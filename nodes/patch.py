@@ -13,11 +13,13 @@ another node installs for one pass only (PerturbedAttentionGuidance's perturbed 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
-from ..attention.kv import Ref, Refs, shared_attention
+from ..attention.kv import Refs, shared_attention
 from ..attention.roles import Layer, RowPlan
 
 
@@ -54,7 +56,7 @@ def is_inpainting(model) -> bool:
 
 
 def _shift(refs: Refs, offset: int) -> Refs:
-    return None if refs is None else tuple(Ref(r.row + offset, r.region_only) for r in refs)
+    return None if refs is None else tuple(dataclasses.replace(r, row=r.row + offset) for r in refs)
 
 
 def schedule_position(extra_options) -> float | None:
@@ -99,12 +101,13 @@ def make_replace(plan: RowPlan, previous=None):
 
         heads = extra_options["n_heads"]
 
-        def kernel(q_, k_, v_):
+        def kernel(q_, k_, v_, **mask):  # mask: only a balance's bias (kv.Balance); absent otherwise
             return optimized_attention(q_, k_, v_, heads, attn_precision=extra_options.get("attn_precision"),
-                                       transformer_options=extra_options)
+                                       transformer_options=extra_options, **mask)
 
         base = previous(q, k, v, extra_options) if previous is not None else None
-        return shared_attention(q, k, v, rules, kernel, regions, ref_kernel=plan.ref_kernel(heads), base=base)
+        return shared_attention(q, k, v, rules, kernel, regions, ref_kernel=plan.ref_kernel(heads), base=base,
+                                report=plan.balance_recorder(layer, h, w))
 
     return attn1_replace
 

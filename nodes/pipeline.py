@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+import logging
+
 import torch
 
 import comfy.model_management
@@ -15,7 +17,8 @@ import comfy.utils
 import latent_preview
 import node_helpers
 
-from ..attention import inversion
+from ..attention import edit, inversion
+from ..attention.kv import Balance
 from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, texture_aligning_rules
 from ..attention.tokens import blend, latent_mask
 from .patch import apply_plan, is_inpainting
@@ -25,17 +28,40 @@ SCHEDULER = "ddim_uniform"  # DDIM's timesteps; the sampler below is DDIM itself
 
 @dataclass(frozen=True)
 class Scene:
-    """HA_SCENE: the images and masks of one geometry transfer (batches: sources S, pairs P)."""
+    """HA_SCENE: the images and masks of one geometry transfer (batches: sources S, pairs P).
+
+    With G geometries per target (HA_AddGeometry), S = G or G * P source rows, pair-major (row p * G + g;
+    see roles.PairLayout), `geometry` holds every patch composited in order (later on top) and
+    `geometry_mask` their union; `placed_masks` keeps each geometry's own M_geo_g.
+    """
 
     source: torch.Tensor  # [S, H, W, 3]
     source_mask: torch.Tensor  # [S, H, W], binary
     target: torch.Tensor  # [P, H, W, 3]
-    geometry: torch.Tensor  # [P, H, W, 3], the transformed source pasted on the target
-    geometry_mask: torch.Tensor  # [P, H, W], binary: M_geo = T(M_src)
+    geometry: torch.Tensor  # [P, H, W, 3], the transformed source(s) pasted on the target
+    geometry_mask: torch.Tensor  # [P, H, W], binary: M_geo = T(M_src) (the union of all M_geo_g)
+    geometries: int = 1
+    placed_masks: Optional[torch.Tensor] = None  # [P, G, H, W], binary M_geo_g; None with one geometry
+    color_adjusted: bool = False  # HA_ColorShift ran (geometries can no longer be added)
 
     @property
     def layout(self) -> PairLayout:
-        return PairLayout(self.source.shape[0], self.geometry.shape[0])
+        return PairLayout(self.source.shape[0], self.geometry.shape[0], self.geometries)
+
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per geometry, in order: (its sources [S/G, H, W, 3], their masks, its visible part of M_geo [P, H, W]).
+        Visible: not covered by a later geometry (the later one wins an overlap). One geometry: the scene's own."""
+        if self.geometries == 1:
+            return [(self.source, self.source_mask, self.geometry_mask)]
+        g = self.geometries
+        source = self.source.reshape(-1, g, *self.source.shape[1:])
+        source_mask = self.source_mask.reshape(-1, g, *self.source_mask.shape[1:])
+        parts, later = [], torch.zeros_like(self.geometry_mask)
+        for i in reversed(range(g)):
+            placed = self.placed_masks[:, i]
+            parts.append((source[:, i], source_mask[:, i], placed * (1 - later)))
+            later = torch.maximum(later, placed)
+        return parts[::-1]
 
 
 @dataclass(frozen=True)
@@ -57,6 +83,33 @@ class Inverted:
     @property
     def layout(self) -> PairLayout:
         return self.scene.layout
+
+
+def add_geometry(scene: Scene, source: torch.Tensor, source_mask: torch.Tensor, placement: edit.Placement) -> Scene:
+    """The scene with one more geometry: the source's masked patch placed on the target and pasted over
+    the scene's geometry image (on top of every earlier geometry where they overlap).
+
+    source [1 or P, H, W, 3] at the size of the scene's sources; source_mask [1 or that batch, H, W]. The
+    source rows stay one per geometry while every geometry has a single source, else become one per
+    geometry and pair (roles.PairLayout)."""
+    pairs, g = scene.geometry.shape[0], scene.geometries
+    n = max(source.shape[0], source_mask.shape[0])
+    source, source_mask = source[..., :3].expand(n, -1, -1, -1), edit.binarize(source_mask).expand(n, -1, -1)
+    placed, mask = edit.place_source(source, source_mask, scene.target, placement)  # [P, H, W, 3], [P, H, W]
+    geometry = torch.where(mask[..., None] > 0, placed, scene.geometry)
+    earlier = scene.placed_masks if scene.placed_masks is not None else scene.geometry_mask[:, None]
+    if n == 1 and scene.source.shape[0] == g:  # every geometry keeps one source for all pairs
+        sources, source_masks = torch.cat([scene.source, source]), torch.cat([scene.source_mask, source_mask])
+    else:
+        def per_pair(old, new):  # [S, ...] + [1 or P, ...] -> [P * (G + 1), ...], pair-major
+            old = old.reshape(-1, g, *old.shape[1:]).expand(pairs, -1, *old.shape[1:])
+            new = new.expand(pairs, *new.shape[1:])[:, None]
+            return torch.cat([old, new], 1).flatten(0, 1)
+
+        sources, source_masks = per_pair(scene.source, source), per_pair(scene.source_mask, source_mask)
+    return replace(scene, source=sources, source_mask=source_masks, geometry=geometry,
+                   geometry_mask=torch.maximum(scene.geometry_mask, mask), geometries=g + 1,
+                   placed_masks=torch.cat([earlier, mask[:, None]], 1))
 
 
 def model_family(model) -> str:
@@ -136,9 +189,19 @@ def invert_latents(model, latents, sigmas, positive, iterations: int, average_la
     return run_sampler(model, loop, latents, up, positive, positive, 1.0)
 
 
+def _log_balance(plan: RowPlan, stage: str, report: Optional[list]) -> None:
+    lines = plan.balance_report()
+    if lines:
+        logging.info("Harmonizing Attention %s balance per layer (keys, weight, share at equal logits):\n  %s",
+                     stage, "\n  ".join(lines))
+    if report is not None:
+        report.extend(lines)
+
+
 def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
-           mode: str) -> Inverted:
-    """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention."""
+           mode: str, *, balance: Optional[Balance] = None, report: Optional[list] = None) -> Inverted:
+    """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention.
+    `balance` weighs the target's keys (kv.Balance); `report` receives the weights each layer got."""
     layout = scene.layout
     images = torch.cat([scene.source, scene.target, scene.geometry])
     masks = _row_masks(scene, "inversion")
@@ -147,11 +210,13 @@ def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, 
     if is_inpainting(model):
         inpaint_latents = masked_image_latents(vae, images, masks)
     positive = with_inpaint(conditioning, inpaint_latents, masks)
-    rules = texture_aligning_rules(layout, mode)
-    patched = apply_plan(model, RowPlan(layout.inversion_rows, lambda layer: rules))
+    rules = texture_aligning_rules(layout, mode, balance)
+    plan = RowPlan(layout.inversion_rows, lambda layer: rules, report_balance=balance is not None)
+    patched = apply_plan(model, plan)
 
     sigmas = schedule(model, steps)
     z_t = invert_latents(patched, latents, sigmas, positive, iterations, average_last)
+    _log_balance(plan, "texture-aligning", report)
     return Inverted(scene=scene, latents=z_t, sigmas=sigmas, model_family=model_family(model),
                     inpaint_latents=inpaint_latents)
 
@@ -166,8 +231,10 @@ def blend_latents(inverted: Inverted, feather: float) -> Inverted:
     return replace(inverted, blended=blend(z_geo, z_tar, m), blend_mask=m)
 
 
-def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str):
-    """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents."""
+def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str, *,
+             balance: Optional[Balance] = None, report: Optional[list] = None):
+    """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents.
+    `balance` weighs each source's keys (kv.Balance); `report` receives the weights each layer got."""
     layout = inverted.layout
     rows = layout.generation_rows
     x = torch.cat([inverted.latents[: layout.sources], inverted.blended])
@@ -175,11 +242,13 @@ def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: st
     inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:rows]
     positive = with_inpaint(positive, inpaint, masks)
     negative = with_inpaint(negative, inpaint, masks)
-    rules = geometry_preserving_rules(layout, mode)
-    patched = apply_plan(model, RowPlan(rows, lambda layer: rules, regions=masks))
+    rules = geometry_preserving_rules(layout, mode, balance)
+    plan = RowPlan(rows, lambda layer: rules, regions=masks, report_balance=balance is not None)
+    patched = apply_plan(model, plan)
 
     def loop(denoise, x_, s, callback):
         return inversion.sample(denoise, x_, s, callback=callback)
 
     samples = run_sampler(patched, loop, x, inverted.sigmas, positive, negative, cfg)
+    _log_balance(plan, "geometry-preserving", report)
     return samples[layout.sources:], samples[: layout.sources]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from harmonizing_attention.attention.color import histogram_match, mean_shift, ring, ring_mean
+from harmonizing_attention.attention.color import histogram_match, mean_shift, regional_shift, ring, ring_mean
 
 
 def rect_mask(h, w, rows, cols, batch=1):
@@ -167,3 +167,69 @@ def test_strength_out_of_range(a):
 def test_ring_width_must_be_positive():
     with pytest.raises(ValueError, match=r"ring width must be a whole number of pixels >= 1, got 0"):
         ring(torch.ones(1, 4, 4), 0)
+
+
+# ---------------------------------------------------------------- regional colour shift (c_tar varying with position)
+
+
+def gradient_scene(h=48, w=96, seed=14):
+    """A target with a left-to-right colour gradient (red up, blue down), a textured patch in a wide box mask."""
+    x = torch.linspace(0, 1, w)
+    target = torch.stack([0.2 + 0.6 * x, torch.full_like(x, 0.5), 0.8 - 0.6 * x], -1).expand(1, h, w, 3).clone()
+    mask = rect_mask(h, w, (14, 33), (16, 79))
+    source = rand_images(1, h, w, 0.25, 0.35, seed=seed)
+    geometry = target.clone()
+    geometry[0][mask[0] > 0] = source[0][mask[0] > 0]
+    return geometry, mask, source, target
+
+
+def test_regional_shift_on_a_uniform_ring_is_eq1_bit_for_bit():
+    geometry = rand_images(2, 20, 24, 0.2, 0.8, seed=15)
+    mask = rect_mask(20, 24, (6, 12), (5, 14))
+    source, source_mask = rand_images(1, 20, 24, 0.3, 0.7, seed=16), rect_mask(20, 24, (3, 9), (8, 15))
+    target = torch.full((2, 20, 24, 3), 0.6)
+    target[1] = torch.tensor([0.1, 0.7, 0.4])
+    target[:, 8:10, 8:10] = 0.95  # under the mask: not on the ring
+    for a in (0.5, 1.0):
+        assert torch.equal(regional_shift(geometry, mask, source, source_mask, target, a, 2),
+                           mean_shift(geometry, mask, source, source_mask, target, a, 2))
+    assert torch.equal(regional_shift(geometry, mask, source, source_mask, target, 0.0, 2), geometry)
+
+
+def test_regional_shift_equals_its_formula():
+    """At full resolution: p + a M (sum_r K t(r) / sum_r K - c_src), K(d) = (d^2 + s^2)^-1.5 over ring pixels r."""
+    geometry, mask, source, target = gradient_scene(24, 40)
+    target = target + 0.1 * rand_images(1, 24, 40, 0.0, 1.0, seed=17)  # texture on the ring too
+    a, width = 0.7, 2
+    out = regional_shift(geometry, mask, source, mask, target, a, width, working_size=64)  # 40 px: one cell per px
+    r = naive_ring(mask[0], width)
+    ry, rx = torch.nonzero(r, as_tuple=True)
+    c_src = source[0][naive_ring(mask[0], width)].double().mean(0)
+    expected = geometry[0].double().clone()
+    for y, x in torch.nonzero(mask[0] > 0).tolist():
+        k = ((ry - y) ** 2 + (rx - x) ** 2 + width ** 2).double() ** -1.5
+        c_tar = (k[:, None] * target[0][ry, rx].double()).sum(0) / k.sum()
+        expected[y, x] += a * (c_tar - c_src)
+    torch.testing.assert_close(out[0].double(), expected.clamp(0, 1), rtol=0, atol=2e-6)
+
+
+def test_regional_shift_follows_a_left_to_right_gradient():
+    """The patch's column means track the target's gradient (slope ~ a), where eq. 1 leaves them flat; the
+    reduced working grid gives the same field as full resolution to a few thousandths."""
+    geometry, mask, source, target = gradient_scene()
+    inside = mask[0] > 0
+    cols = torch.nonzero(inside.any(0)).flatten()
+    full = regional_shift(geometry, mask, source, mask, target, 1.0, 3, working_size=128)
+    coarse = regional_shift(geometry, mask, source, mask, target, 1.0, 3, working_size=16)  # 6 px cells
+    assert (full - coarse)[0][inside].abs().max() < 0.02
+    flat = mean_shift(geometry, mask, source, mask, target, 1.0, 3)
+
+    def slope(image):  # least-squares slope of the patch's red column mean against the target's red
+        t, p = target[0, 0, cols, 0].double(), image[0][14:34][:, cols, 0].double().mean(0)
+        t, p = t - t.mean(), p - p.mean()
+        return float((t * p).sum() / (t * t).sum()), float((t * p).sum() / (t.norm() * p.norm()))
+
+    (s_regional, corr), (s_flat, _) = slope(full), slope(flat)
+    assert 0.8 < s_regional < 1.2 and corr > 0.99
+    assert abs(s_flat) < 0.1
+    assert 0.8 < slope(regional_shift(geometry, mask, source, mask, target, 0.5, 3))[0] / 0.5 < 1.2

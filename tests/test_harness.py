@@ -5,7 +5,7 @@ import harness
 
 PACK_NODES = {
     "HA_GeometryImageEdit", "HA_ColorShift", "HA_TextureAligningInversion", "HA_LatentBlend",
-    "HA_GeometryPreservingSampler",
+    "HA_GeometryPreservingSampler", "HA_AddGeometry",
 }
 
 
