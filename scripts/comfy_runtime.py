@@ -69,8 +69,19 @@ class PromptError(RuntimeError):
         self.details = details
 
 
-def run_prompt(prompt: dict) -> dict:
-    """Validate and execute an API-format prompt; return {node_id: (output values...)} of every node run."""
+def new_executor():
+    """A PromptExecutor with ComfyUI's classic cache: reused across prompts, it keeps the outputs of nodes whose
+    inputs did not change (loaded models, encoded prompts), as the server does."""
+    import execution
+
+    return execution.PromptExecutor(_ServerStub(), cache_type=False)
+
+
+def run_prompt(prompt: dict, executor=None, outputs: list[str] | None = None) -> dict:
+    """Validate and execute an API-format prompt; return {node_id: (output values...)} of every node run.
+
+    executor: one from new_executor() to keep its cache across prompts (default: a fresh one). outputs: the node
+    IDs to compute (with what they need) instead of the prompt's output nodes."""
     import execution
 
     prompt = json.loads(json.dumps(prompt))
@@ -79,8 +90,9 @@ def run_prompt(prompt: dict) -> dict:
     if not valid[0]:
         raise PromptError(f"prompt invalid: {valid[1].get('message')} {valid[3]}",
                           {"error": valid[1], "node_errors": valid[3]})
-    executor = execution.PromptExecutor(_ServerStub(), cache_type=False)
-    executor.execute(prompt, prompt_id, {}, valid[2])
+    executor = executor or new_executor()
+    executor.success = True  # a reused executor keeps the last prompt's flag until a node runs
+    executor.execute(prompt, prompt_id, {}, valid[2] if outputs is None else list(outputs))
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
         err = errors[0] if errors else {"exception_message": "interrupted", "node_type": None}
