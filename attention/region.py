@@ -21,19 +21,21 @@ def moved_mask(source_mask: Tensor, target_hw: tuple[int, int], placement: edit.
     return geo_mask[0] > 0
 
 
-def fits(source_mask: Tensor, region: Tensor, placement: edit.Placement) -> bool:
-    """Whether the whole moved mask lies inside the binarized region (the canvas is the region's size)."""
+def fits(source_mask: Tensor, region: Tensor, placement: edit.Placement, area: int) -> bool:
+    """Whether the whole moved mask lies inside the binarized region (the canvas is the region's size): none of
+    its pixels outside, and all `area` of them on the canvas (the canvas edge clips a mask that crosses it)."""
     try:
         moved = moved_mask(source_mask, tuple(region.shape), placement)
     except ValueError:  # off the canvas
         return False
-    return bool(not (moved & ~(edit.binarize(region.float()) > 0)).any())
+    return int(moved.sum()) == area and bool(not (moved & ~(edit.binarize(region.float()) > 0)).any())
 
 
 def candidate_shifts(source_mask: Tensor, region: Tensor, scale: float = 1.0,
-                     rotation: float = 0.0) -> tuple[edit.Placement, Tensor]:
-    """(base placement, [N,2] integer (dx, dy) offsets): base shifted by any offset keeps the moved mask inside
-    the region, up to the rounding of the warp, which `fits` checks. N = 0: the region cannot hold the mask."""
+                     rotation: float = 0.0) -> tuple[edit.Placement, Tensor, int]:
+    """(base placement, [N,2] integer (dx, dy) offsets, area): base shifted by any offset keeps the moved mask
+    (`area` pixels) inside the region, up to the rounding of the warp, which `fits` checks. N = 0: the region
+    cannot hold the mask."""
     if region.dim() != 2 or source_mask.dim() != 2:
         raise ValueError(f"masks must be [H,W], got {tuple(source_mask.shape)} and {tuple(region.shape)}")
     inside = edit.binarize(region.float()) > 0
@@ -54,7 +56,7 @@ def candidate_shifts(source_mask: Tensor, region: Tensor, scale: float = 1.0,
                 f"at scale {scale:g} and rotation {rotation:g} the moved mask spans at least "
                 f"{int(xs.max() - xs.min()) + 1}x{int(ys.max() - ys.min()) + 1} px, as large as the {w}x{h} target: "
                 "lower the scale")
-    return base, _erosion_offsets(moved, inside)
+    return base, _erosion_offsets(moved, inside), int(moved.sum())
 
 
 def _touches_border(mask: Tensor) -> bool:

@@ -90,17 +90,15 @@ def _number(value, name: str, where: str):
     if isinstance(value, str) and ".." in value:
         value = value.split("..", 1)
     try:
-        if isinstance(value, (list, tuple)):
-            if len(value) != 2:
-                raise ValueError
-            lo, hi = float(value[0]), float(value[1])
-            if lo > hi:
-                raise ManifestError(f"{where}: {name} range {lo:g}..{hi:g} is reversed: write {hi:g}..{lo:g}")
-            return [lo, hi]
-        return float(value)
+        if not isinstance(value, (list, tuple)):
+            return float(value)
+        lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
         raise ManifestError(f"{where}: {name} = {value!r} is neither a number nor a range like 10..40 "
                             "(JSON: [10, 40])") from None
+    if lo > hi:
+        raise ManifestError(f"{where}: {name} range {lo:g}..{hi:g} is reversed: write {hi:g}..{lo:g}")
+    return [lo, hi]
 
 
 def expand(rows: list[dict], base: Path) -> list[dict]:
@@ -256,12 +254,12 @@ def draw(item: dict, source_mask, target_region=None):
     strength = pick("color_strength", None)
     if target_region is None:
         return edit.Placement(pick("shift_x", 0.0), pick("shift_y", 0.0), scale, rotation), strength
-    base, offsets = region.candidate_shifts(source_mask, target_region, scale, rotation)
+    base, offsets, area = region.candidate_shifts(source_mask, target_region, scale, rotation)
     while len(offsets):
         i = int(rng.integers(len(offsets)))
         dx, dy = offsets[i].tolist()
         placement = edit.Placement(base.shift_x + dx, base.shift_y + dy, scale, rotation)
-        if region.fits(source_mask, target_region, placement):
+        if region.fits(source_mask, target_region, placement, area):
             return placement, strength
         offsets = offsets[[j for j in range(len(offsets)) if j != i]]  # the warp's rounding left it: draw again
     h, w = target_region.shape
