@@ -53,12 +53,16 @@ def make_manifest(folder: Path, items: int, size: int) -> Path:
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the command and every process under it that has exited)."""
+    """(wall seconds, CPU seconds of the command and every process under it that has exited: not Ray's actors,
+    whose CPU the runner's own 'per item in the workers' line reports)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
+    for line in run.stdout.splitlines():
+        if line.startswith("per item in the workers"):
+            print(f"  {line}", flush=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.perf_counter() - start, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 

@@ -322,12 +322,15 @@ class Worker:
         torch.set_num_threads(self._threads)
 
     def process(self, item: dict) -> dict:
-        """{"id", "ok", "files": {relative path: bytes}} or {"id", "ok": False, "error", "traceback"}."""
+        """{"id", "ok", "files": {relative path: bytes}} or {"id", "ok": False, "error", "traceback"}; both with
+        "seconds" and "cpu" (this process's CPU seconds) spent on the item."""
+        wall, cpu = time.perf_counter(), time.process_time()
         try:
-            return {"id": item["id"], "ok": True, "files": self._process(item)}
+            result = {"id": item["id"], "ok": True, "files": self._process(item)}
         except Exception as err:  # one item's failure is reported; the others go on
-            return {"id": item["id"], "ok": False, "error": f"{type(err).__name__}: {err}",
-                    "traceback": traceback.format_exc(limit=-3)}
+            result = {"id": item["id"], "ok": False, "error": f"{type(err).__name__}: {err}",
+                      "traceback": traceback.format_exc(limit=-3)}
+        return {**result, "seconds": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
     def _process(self, item: dict) -> dict:
         import numpy as np
@@ -512,12 +515,13 @@ def run(manifest, out, *, engine: str = "embedded", ckpt: str | None = None, wor
     log(f"{len(todo)} of {len(items)} items to run ({summary['skipped']} done before), engine {engine}")
     results = embedded(config, todo) if engine == "embedded" else ray_engine(config, todo, workers, address)
     start = time.time()
-    failures = []
+    failures, timings = [], []
     try:
         from tqdm import tqdm
 
         bar = tqdm(results, total=len(todo), unit="item", disable=not progress)
         for result in bar:
+            timings.append((result["seconds"], result["cpu"]))
             if result["ok"]:
                 files = result["files"]
                 for rel in sorted(files, key=lambda r: r.startswith("items/")):  # the record last: it marks done
@@ -533,6 +537,11 @@ def run(manifest, out, *, engine: str = "embedded", ckpt: str | None = None, wor
     minutes = (time.time() - start) / 60
     log(f"{summary['done']} items written, {len(failures)} failed (see {out / 'failed.jsonl'}), "
         f"{summary['skipped']} skipped; {summary['done'] / minutes if minutes else 0:.1f} items/min")
+    if timings:
+        wall, cpu = (sorted(t[i] for t in timings)[len(timings) // 2] for i in (0, 1))
+        log(f"per item in the workers (median): {wall:.2f} s, {cpu:.2f} CPU s; all items: "
+            f"{sum(t[0] for t in timings):.1f} s, {sum(t[1] for t in timings):.1f} CPU s (the first on each worker "
+            "loads the model)")
     return summary
 
 
