@@ -360,8 +360,13 @@ class Worker:
         image, geo_mask = outputs[self.composite][0], outputs[self.edit][1]
         if image.shape[0] != 1:
             raise ValueError(f"the workflow made {image.shape[0]} images for one item: one source and one target each")
-        if region is not None and ((geo_mask[0] > 0) & (region < 0.5)).any():
-            raise RuntimeError("the moved mask left the target region")  # draw() checked this exact mask: a bug
+        if region is not None:
+            if tuple(geo_mask.shape[1:]) != tuple(region.shape):
+                raise ValueError(f"target_region is {region.shape[1]}x{region.shape[0]} but the workflow placed the "
+                                 f"geometry on a {geo_mask.shape[2]}x{geo_mask.shape[1]} canvas (it resizes the target): "
+                                 "use a workflow that keeps the target's size, or give the region at that size")
+            if ((geo_mask[0] > 0) & (region < 0.5)).any():
+                raise RuntimeError("the moved mask left the target region")  # draw() checked this exact mask: a bug
 
         pixels = (image[0, ..., :3].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
         mask = (geo_mask[0] > 0).cpu().numpy()
