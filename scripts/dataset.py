@@ -312,14 +312,22 @@ class Worker:
                         "target": _upstream(self.prompt, inputs["target"], ("LoadImage",)),
                         "source_mask": _upstream(self.prompt, inputs["source_mask"], ("LoadImageMask",))}
         self.executor = comfy_runtime.new_executor()
+        # LoadImage reads files under ComfyUI's input folder only (newer versions refuse other paths): point it at
+        # the folder holding every file of the manifest, for this worker's life
+        import folder_paths
+
+        self._input_dir = folder_paths.get_input_directory()
+        folder_paths.set_input_directory(config["input_root"])
         import comfy.model_management
 
         self.device = str(comfy.model_management.get_torch_device())
 
     def close(self) -> None:
+        import folder_paths
         import torch
 
         torch.set_num_threads(self._threads)
+        folder_paths.set_input_directory(self._input_dir)
 
     def process(self, item: dict) -> dict:
         """{"id", "ok", "files": {relative path: bytes}} or {"id", "ok": False, "error", "traceback"}; both with
@@ -349,7 +357,7 @@ class Worker:
 
         prompt = json.loads(json.dumps(self.prompt))
         for name, node_id in self.loaders.items():
-            prompt[node_id]["inputs"]["image"] = item[name]
+            prompt[node_id]["inputs"]["image"] = os.path.relpath(item[name], self.config["input_root"])
         prompt[self.edit]["inputs"].update(shift_x=placement.shift_x, shift_y=placement.shift_y,
                                            scale=placement.scale, rotation=placement.rotation)
         if strength is not None:
@@ -512,7 +520,9 @@ def run(manifest, out, *, engine: str = "embedded", ckpt: str | None = None, wor
     prompt = json.loads(Path(workflow).read_text())
     run_workflow.apply_overrides(prompt, list(overrides))
     model = _checkpoint(prompt, ckpt)
+    files = [it[k] for it in items for k in PATHS if it.get(k)]
     config = {"prompt": prompt, "checkpoint": str(model), "cpu": cpu, "threads": threads,
+              "input_root": os.path.commonpath([os.path.dirname(f) for f in files]),
               "provenance": {"pack_version": pack_version(), "comfyui": comfy_runtime.find_comfyui().name,
                              "comfyui_version": _comfyui_version(), "workflow": Path(workflow).name,
                              "overrides": list(overrides), "model_file": model.name,
