@@ -70,8 +70,10 @@ class PromptError(RuntimeError):
         self.details = details
 
 
-def _executor():
-    """A PromptExecutor with the classic cache, whichever constructor this ComfyUI has."""
+def new_executor():
+    """A PromptExecutor with ComfyUI's classic cache, whichever constructor this ComfyUI has. Reused across
+    prompts, it keeps the outputs of nodes whose inputs did not change (loaded models, encoded prompts), as the
+    server does."""
     import execution
 
     params = inspect.signature(execution.PromptExecutor).parameters
@@ -90,12 +92,15 @@ async def _cached_outputs(executor, node_id):
     return getattr(cached, "outputs", cached)
 
 
-def run_prompt(prompt: dict) -> dict:
-    """Validate and execute an API-format prompt; return {node_id: (output values...)} of every node run."""
-    return asyncio.run(_run_prompt(json.loads(json.dumps(prompt))))
+def run_prompt(prompt: dict, executor=None, outputs: list[str] | None = None) -> dict:
+    """Validate and execute an API-format prompt; return {node_id: (output values...)} of every node run.
+
+    executor: one from new_executor() to keep its cache across prompts (default: a fresh one). outputs: the node
+    IDs to compute (with what they need) instead of the prompt's output nodes."""
+    return asyncio.run(_run_prompt(json.loads(json.dumps(prompt)), executor, outputs))
 
 
-async def _run_prompt(prompt: dict) -> dict:
+async def _run_prompt(prompt: dict, executor, outputs) -> dict:
     import execution
 
     prompt_id = str(uuid.uuid4())
@@ -103,16 +108,17 @@ async def _run_prompt(prompt: dict) -> dict:
     if not valid[0]:
         raise PromptError(f"prompt invalid: {valid[1].get('message')} {valid[3]}",
                           {"error": valid[1], "node_errors": valid[3]})
-    executor = _executor()
-    await executor.execute_async(prompt, prompt_id, {}, valid[2])
+    executor = executor or new_executor()
+    executor.success = True  # a reused executor keeps the last prompt's flag until a node runs
+    await executor.execute_async(prompt, prompt_id, {}, valid[2] if outputs is None else list(outputs))
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
         err = errors[0] if errors else {"exception_message": "interrupted", "node_type": None}
         raise PromptError(f"{err.get('node_type')}: {err.get('exception_message')}", err)
-    outputs = {}
+    results = {}
     for node_id in prompt:
         cached = await _cached_outputs(executor, node_id)
         if cached is not None:  # one list per output socket, holding the value
-            outputs[node_id] = tuple(values[0] if len(values) == 1 else values for values in cached)
-    logging.debug("ran %d nodes", len(outputs))
-    return outputs
+            results[node_id] = tuple(values[0] if len(values) == 1 else values for values in cached)
+    logging.debug("ran %d nodes", len(results))
+    return results

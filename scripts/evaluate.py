@@ -8,7 +8,7 @@ attention/metrics.py for the regions), and PSNR / MSE / fMSE against the naive c
 outside M_geo, the transformed source inside it).
 
     python scripts/evaluate.py --sources SRC_DIR --targets TAR_DIR --checkpoint sd-v1-5-inpainting.ckpt \\
-        --out results/ [--masks MASK_DIR] [--placement keep|centre|shift] [--steps 25] [--size 512]
+        --out results/ [--masks MASK_DIR] [--placement keep|centre|shift] [--steps 25] [--size 512] [--composite]
 
 Sources: SRC_DIR/name.png with its mask SRC_DIR/name_mask.png beside it (or MASK_DIR/name.png, or
 MASK_DIR/name_mask.png). Images are centre-cropped to a square and resized to --size (the paper crops to
@@ -52,6 +52,10 @@ class Settings:
     cfg: float = 1.0
     prompt: str = ""  # paper: the empty prompt
     feather: float = 0.0
+    # HA_DetailPreservingComposite as the last step: the target's own pixels outside the blend band
+    composite: bool = False
+    composite_feather: float = 4.0
+    composite_levels: int = 3
 
 
 def _pack():
@@ -168,6 +172,11 @@ def compose(model, clip, vae, source, mask, target, settings: Settings):
     inverted = pipeline.blend_latents(inverted, settings.feather)
     latents, _ = pipeline.generate(model, conditioning, conditioning, inverted, settings.cfg, "geometry_preserving")
     output = vae.decode(latents)[..., :3].float().cpu()
+    if settings.composite:
+        from harmonizing_attention.attention import composite
+
+        output = composite.composite(output, target, geometry_mask, settings.composite_feather,
+                                     settings.composite_levels)
     return output, geometry, geometry_mask
 
 
@@ -285,6 +294,11 @@ def main(argv=None) -> int:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     for name in ("size", "steps", "iterations", "ring_width"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--composite", action="store_true",
+                   help="finish with the detail-preserving composite (HA_DetailPreservingComposite): the target's own "
+                        "pixels outside a blend band around M_geo")
+    p.add_argument("--composite-feather", type=float, default=d.composite_feather)
+    p.add_argument("--composite-levels", type=int, default=d.composite_levels)
     p.add_argument("--prompt", default=d.prompt)
     p.add_argument("--metrics", default=",".join(("lpips", "dists", "clip")),
                    help="perceptual metrics (pixel metrics are always computed); '' for none")

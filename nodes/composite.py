@@ -1,0 +1,58 @@
+"""The detail-preserving composite: the last step of a geometry transfer, after VAEDecode.
+
+Node IDs are workflow identity: never rename one.
+"""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..attention import composite
+from . import validate
+
+CATEGORY = "harmonizing_attention/geometry_transfer"
+
+
+class DetailPreservingComposite(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HA_DetailPreservingComposite",
+            display_name="Detail-preserving Composite (Harmonizing Attention)",
+            category=CATEGORY,
+            description="Puts the decoded output back on the original target: the decoded pixels inside M_geo, the "
+                        "target's own pixels outside a blend band around it (bit for bit, so the background carries "
+                        "no VAE round-trip error), and a Laplacian-pyramid blend over the feathered mask between them.",
+            inputs=[
+                io.Image.Input("image", tooltip="The decoded composite (VAEDecode of the sampler's latent)."),
+                io.Image.Input("target", tooltip="The original target image given to HA_GeometryImageEdit."),
+                io.Mask.Input("mask", tooltip="M_geo: the geometry_mask output of HA_GeometryImageEdit."),
+                io.Float.Input("feather", default=4.0, min=0.0, max=128.0, step=0.5,
+                               tooltip="Pixels over which the blend weight falls from 1 on M_geo to 0."),
+                io.Int.Input("levels", default=3, min=0, max=8,
+                             tooltip="Laplacian-pyramid levels: more levels carry low frequencies (colour, shading) "
+                                     "across a wider band (about 4 x 2^levels px beyond the feather). 0: a plain "
+                                     "feathered blend."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The composite: target pixels outside blend_mask."),
+                io.Mask.Output(display_name="blend_mask",
+                               tooltip="1 where the composite may differ from the target (M_geo and the blend band)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, target, mask, feather, levels) -> io.NodeOutput:
+        validate.image("image", image)
+        validate.image("target", target)
+        validate.mask("mask", mask)
+        fix = ("connect the target and the geometry_mask of the HA_GeometryImageEdit whose composite was decoded "
+               "(the decoded image has the target's size when the target's sides are multiples of 8)")
+        validate.same_size("image", image, "target", target, fix)
+        validate.same_size("mask", mask, "target", target, fix)
+        validate.batches("image", image.shape[0], "target", target.shape[0])
+        validate.batches("image", image.shape[0], "mask", mask.shape[0])
+        out = composite.composite(image, target, mask, feather, levels)
+        return io.NodeOutput(out, composite.blend_band(mask, feather, levels).to(out.dtype))
+
+
+NODES = [DetailPreservingComposite]
