@@ -1,0 +1,78 @@
+"""Which latent cells / attention tokens stand for a region, by rule, per layer resolution and mask kind.
+
+For each realistic 512 px mask (tests/thin_masks.py) and each SD1.5 layer size at 512 px (64 = the latent,
+32, 16, 8) it prints, per rule, the cells selected, their mean and least coverage (fraction of the cell inside
+the mask), and the 8-connected parts they form next to the parts of the cells the mask touches:
+
+- touched:  coverage > 0 (the tokens before issue 11)
+- majority: coverage >= 0.5 (eq. 4's blend before issue 11)
+- comfy:    ComfyUI's inpainting concat_mask resize, bilinear then round (at the latent size only)
+- rule:     attention/tokens.py's rule (now the blend, the inpainting mask channel and the tokens)
+
+Pure tensor work on the CPU, a few seconds:  python bench/mask_coverage.py [--markdown]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PACK_ROOT / "tests"))
+if "harmonizing_attention" not in sys.modules:  # the pack as a package, without its ComfyUI __init__
+    pkg = types.ModuleType("harmonizing_attention")
+    pkg.__path__ = [str(PACK_ROOT)]
+    sys.modules["harmonizing_attention"] = pkg
+
+from harmonizing_attention.attention.tokens import cells, coverage  # noqa: E402
+from thin_masks import masks  # noqa: E402
+
+SIZES = (64, 32, 16, 8)
+
+
+def parts(selected: torch.Tensor) -> int:
+    return int(ndimage.label(selected.numpy(), structure=np.ones((3, 3)))[1])
+
+
+def rules(mask: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+    c = coverage(mask[None], size, size)[0]
+    out = {"touched": c > 0, "majority": c >= 0.5}
+    if size == SIZES[0]:
+        out["comfy"] = F.interpolate(mask[None, None], size=(size, size), mode="bilinear")[0, 0].round() > 0
+    out["rule"] = cells(mask[None], size, size)[0]
+    return out
+
+
+def table(markdown: bool) -> list[str]:
+    lines = []
+    head = ("mask", "px", "layer", "rule", "cells", "mean cov", "min cov", "cov<0.5", "parts/touched")
+    if markdown:
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    else:
+        lines.append("{:<15} {:>6} {:>5} {:<9} {:>6} {:>8} {:>8} {:>8} {:>13}".format(*head))
+    for name, mask in masks().items():
+        for size in SIZES:
+            c = coverage(mask[None], size, size)[0]
+            touched_parts = parts(c > 0)
+            for rule, sel in rules(mask, size).items():
+                picked = c[sel]
+                row = (name, int(mask.sum()), f"{size}x{size}", rule, int(sel.sum()),
+                       f"{picked.mean():.2f}" if picked.numel() else "-", f"{picked.min():.3f}" if picked.numel() else "-",
+                       int((picked < 0.5).sum()), f"{parts(sel)}/{touched_parts}")
+                if markdown:
+                    lines.append("| " + " | ".join(str(v) for v in row) + " |")
+                else:
+                    lines.append("{:<15} {:>6} {:>5} {:<9} {:>6} {:>8} {:>8} {:>8} {:>13}".format(*row))
+    return lines
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--markdown", action="store_true", help="a Markdown table (notes/README-issue-11.md)")
+    print("\n".join(table(p.parse_args().markdown)))
