@@ -1,28 +1,34 @@
-"""One rule from a pixel mask to the cells of any coarser grid: the latent (eq. 4's blend, an inpainting
+"""One rule from a pixel mask to the cells of a coarser grid: the latent (eq. 4's blend and an inpainting
 model's mask channel) and every self-attention layer's tokens (eqs. 5-7).
 
-The rule works on the coverage map, the fraction of each cell that the mask covers (area resampling):
+The rule reads the coverage map (the fraction of each cell the mask covers, area resampling) and the mask's
+connected parts (8-connected pixels). A cell is kept when it is
 
-1. anchors: the cells holding at least half as much of the mask as the fullest cell around them,
-   ``coverage >= 0.5 * max(coverage over the 3x3 cells around)`` (and > 0). Inside a region wider than
-   a cell that is the majority rule, coverage >= 0.5; along a structure thinner than a cell (a crack,
-   a scratch, a dot) it keeps the cells the structure runs through and drops those it only grazes.
-2. connectors: starting from every cell the mask touches (coverage > 0), the touched cells that are not
-   anchors are removed one at a time, least covered first, while removing one keeps the topology
-   (a simple cell: 8-connected regions, 4-connected holes). What stays joins the anchors exactly as
-   the mask joins them at this grid's scale.
+1. an anchor:
+   - covered at least half (coverage >= 0.5), or
+   - holding more than half as much of the mask as the fullest of the 3x3 cells around it, or
+   - the cell holding most pixels of one connected part of the mask;
+2. or a connector: from all the cells the mask touches (coverage > 0), the non-anchors are removed one at a
+   time, least covered first, whenever each connected part of the mask in them keeps its other cells around
+   them joined without them; what cannot go joins the anchors of one part.
 
-So a non-empty mask never becomes empty (each connected part keeps its fullest cell), a crack stays one
-8-connected chain of cells at every resolution, rings keep their holes, and every cell the mask covers
-at least half is in. Cells mostly outside the mask appear only along structures thinner than a cell,
-where no cell is mostly inside; notes/README-issue-11.md has the figures per layer and mask kind.
+What that gives, at every resolution:
+- no connected part of the mask is lost (so a non-empty mask never becomes empty), and the kept cells of each
+  part are 8-connected: a crack is one unbroken chain of cells;
+- every cell covered at least half is kept; a region wider than a cell gets exactly the cells it covers at
+  least half (the majority rule, eq. 4 as published);
+- a cell mostly outside the mask is kept only along structures thinner than a cell, where no cell is mostly
+  inside: the cells the structure runs through, not those it grazes (notes/README-issue-11.md: figures per
+  layer and mask kind, from bench/mask_coverage.py).
 """
 from __future__ import annotations
 
 import heapq
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage  # a ComfyUI dependency (comfy/samplers.py imports scipy)
 
 
 def coverage(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -30,30 +36,44 @@ def coverage(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(mask[:, None].float(), (h, w))[:, 0]
 
 
-# The 8 neighbours in Yokoi's order (E, NE, N, NW, W, SW, S, SE) as (dy, dx).
+# the 8 neighbours of a cell as (dy, dx)
 _RING = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
 
 
-def _simple(inside: bytearray, p: int, offsets: tuple[int, ...]) -> bool:
-    """Removing cell p keeps the number of 8-connected parts and 4-connected holes: Yokoi's 8-connectivity
-    number is 1 (isolated and interior cells give 0, cells joining two parts 2 or more)."""
-    out = [1 - inside[p + o] for o in offsets]
-    return sum(out[k] - out[k] * out[k + 1] * out[(k + 2) % 8] for k in (0, 2, 4, 6)) == 1
+def _parts_per_cell(inside: torch.Tensor, h: int, w: int) -> tuple[dict[int, frozenset], set[int]]:
+    """The mask's 8-connected parts seen from the cells: (cell -> the parts with pixels in it, the cell holding
+    most pixels of each part). Cells are flat indices in an (h + 2, w + 2) grid with a border; pixel y lies in
+    cell row y * h // H (x likewise). inside: bool [H, W]."""
+    H, W = inside.shape
+    labels, count = ndimage.label(inside.numpy(), structure=np.ones((3, 3), dtype=bool))
+    labels = torch.from_numpy(labels).long()
+    cell = (torch.arange(H) * h // H + 1)[:, None] * (w + 2) + (torch.arange(W) * w // W + 1)[None, :]
+    found, counts = (cell[inside] * (count + 1) + labels[inside]).unique(return_counts=True)
+    parts: dict[int, set] = {}
+    fullest: dict[int, tuple[int, int]] = {}
+    for key, n in zip(found.tolist(), counts.tolist()):
+        c, label = divmod(key, count + 1)
+        parts.setdefault(c, set()).add(label)
+        if n > fullest.get(label, (0, 0))[0]:
+            fullest[label] = (n, c)
+    return {c: frozenset(s) for c, s in parts.items()}, {c for _, c in fullest.values()}
 
 
-def _cells_one(c: torch.Tensor) -> torch.Tensor:
-    """The rule on one coverage map c [h, w] (CPU): bool [h, w]."""
-    h, w = c.shape
+def _cells_one(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The rule for one mask [H, W] (CPU): bool [h, w]."""
+    c = coverage(mask[None], h, w)[0]
     touched = c > 0
-    anchors = touched & (c >= 0.5 * F.max_pool2d(c[None, None], 3, stride=1, padding=1)[0, 0])
+    anchors = touched & ((c >= 0.5) | (c > 0.5 * F.max_pool2d(c[None, None], 3, stride=1, padding=1)[0, 0]))
+    stride = w + 2  # cells indexed row-major in the grid with a 1-cell border of background
+    parts, fullest = _parts_per_cell(mask > 0, h, w)
+    for p in fullest:
+        anchors[p // stride - 1, p % stride - 1] = True
     candidates = (touched & ~anchors).nonzero().tolist()
     if not candidates:
         return touched
-    # a 1-cell border of background around the grid, cells indexed row-major in it
-    stride = w + 2
     offsets = tuple(dy * stride + dx for dy, dx in _RING)
-    inside = bytearray(F.pad(touched.to(torch.uint8), (1, 1, 1, 1)).flatten().tolist())
-    removable = bytearray(len(inside))
+    kept = bytearray(F.pad(touched.to(torch.uint8), (1, 1, 1, 1)).flatten().tolist())
+    removable = bytearray(len(kept))
     cov = F.pad(c, (1, 1, 1, 1)).flatten().tolist()
     heap = []
     for y, x in candidates:
@@ -61,23 +81,41 @@ def _cells_one(c: torch.Tensor) -> torch.Tensor:
         removable[p] = 1
         heap.append((cov[p], p))
     heapq.heapify(heap)
+
+    def removable_now(p: int) -> bool:
+        """For each part of the mask in p, its kept cells around p stay joined without p (so, by induction, each
+        part's kept cells stay one 8-connected set), and p is not the part's last cell."""
+        around = [q for q in (p + o for o in offsets) if kept[q]]
+        for part in parts.get(p, ()):
+            holding = [q for q in around if part in parts.get(q, ())]
+            if not holding:
+                return False
+            group, todo = {holding[0]}, [holding[0]]
+            while todo:
+                a = todo.pop()
+                for b in holding:
+                    if b not in group and abs(a // stride - b // stride) <= 1 and abs(a % stride - b % stride) <= 1:
+                        group.add(b)
+                        todo.append(b)
+            if len(group) < len(holding):
+                return False
+        return True
+
     while heap:
         _, p = heapq.heappop(heap)
-        if not inside[p] or not _simple(inside, p, offsets):
-            continue  # a cell kept now is pushed again if a neighbour's removal makes it simple
-        inside[p] = 0
+        if not kept[p] or not removable_now(p):
+            continue  # a cell kept now is pushed again when a neighbour's removal changes its surroundings
+        kept[p] = 0
         for o in offsets:
             q = p + o
-            if inside[q] and removable[q]:
+            if kept[q] and removable[q]:
                 heapq.heappush(heap, (cov[q], q))
-    grid = torch.tensor(list(inside), dtype=torch.bool).view(h + 2, w + 2)
-    return grid[1:-1, 1:-1]
+    return torch.tensor(list(kept), dtype=torch.bool).view(h + 2, w + 2)[1:-1, 1:-1]
 
 
 def cells(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """The cells of an (h, w) grid that stand for the mask, by the module's rule: [B, H, W] -> bool [B, h, w]."""
-    c = coverage(mask, h, w).cpu()
-    return torch.stack([_cells_one(m) for m in c]).to(mask.device)
+    return torch.stack([_cells_one(m, h, w) for m in mask.detach().float().cpu()]).to(mask.device)
 
 
 def region_tokens(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 For each realistic 512 px mask (tests/thin_masks.py) and each SD1.5 layer size at 512 px (64 = the latent,
 32, 16, 8) it prints, per rule, the cells selected, their mean and least coverage (fraction of the cell inside
-the mask), and the 8-connected parts they form next to the parts of the cells the mask touches:
+the mask), how many of them are mostly outside the mask, and, of the mask's connected parts (8-connected
+pixels), how many the selection loses (no cell left) or breaks (its cells fall apart into 8-connected pieces):
 
 - touched:  coverage > 0 (the tokens before issue 11)
 - majority: coverage >= 0.5 (eq. 4's blend before issue 11)
@@ -34,10 +35,27 @@ from harmonizing_attention.attention.tokens import cells, coverage  # noqa: E402
 from thin_masks import masks  # noqa: E402
 
 SIZES = (64, 32, 16, 8)
+FORMAT = "{:<15} {:>6} {:>5} {:<9} {:>6} {:>8} {:>8} {:>8} {:>6} {:>5} {:>6}"
 
 
-def parts(selected: torch.Tensor) -> int:
-    return int(ndimage.label(selected.numpy(), structure=np.ones((3, 3)))[1])
+EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def lost_and_broken(mask: torch.Tensor, selected: torch.Tensor) -> tuple[int, int, int]:
+    """(parts of the mask, parts with no selected cell, parts whose selected cells are not 8-connected)."""
+    labels, n = ndimage.label(mask.numpy() > 0, structure=EIGHT)
+    size = selected.shape[0]
+    cy = (np.arange(mask.shape[0]) * size // mask.shape[0])[:, None]
+    cx = (np.arange(mask.shape[1]) * size // mask.shape[1])[None, :]
+    lost = broken = 0
+    for k in range(1, n + 1):
+        grid = np.zeros(selected.shape, dtype=bool)
+        ys, xs = np.nonzero(labels == k)
+        grid[cy[ys, 0], cx[0, xs]] = True
+        pieces = ndimage.label(grid & selected.numpy(), structure=EIGHT)[1]
+        lost += pieces == 0
+        broken += pieces > 1
+    return n, lost, broken
 
 
 def rules(mask: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
@@ -51,24 +69,23 @@ def rules(mask: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
 
 def table(markdown: bool) -> list[str]:
     lines = []
-    head = ("mask", "px", "layer", "rule", "cells", "mean cov", "min cov", "cov<0.5", "parts/touched")
+    head = ("mask", "px", "layer", "rule", "cells", "mean cov", "min cov", "cov<0.5", "parts", "lost", "broken")
     if markdown:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     else:
-        lines.append("{:<15} {:>6} {:>5} {:<9} {:>6} {:>8} {:>8} {:>8} {:>13}".format(*head))
+        lines.append(FORMAT.format(*head))
     for name, mask in masks().items():
         for size in SIZES:
             c = coverage(mask[None], size, size)[0]
-            touched_parts = parts(c > 0)
             for rule, sel in rules(mask, size).items():
                 picked = c[sel]
                 row = (name, int(mask.sum()), f"{size}x{size}", rule, int(sel.sum()),
                        f"{picked.mean():.2f}" if picked.numel() else "-", f"{picked.min():.3f}" if picked.numel() else "-",
-                       int((picked < 0.5).sum()), f"{parts(sel)}/{touched_parts}")
+                       int((picked < 0.5).sum()), *lost_and_broken(mask, sel))
                 if markdown:
                     lines.append("| " + " | ".join(str(v) for v in row) + " |")
                 else:
-                    lines.append("{:<15} {:>6} {:>5} {:<9} {:>6} {:>8} {:>8} {:>8} {:>13}".format(*row))
+                    lines.append(FORMAT.format(*row))
     return lines
 
 
