@@ -118,6 +118,13 @@ def cells(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.stack([_cells_one(m, h, w) for m in mask.detach().float().cpu()]).to(mask.device)
 
 
+def summary(mask: torch.Tensor, h: int, w: int) -> list[tuple[int, float, float]]:
+    """Per row of [B, H, W]: (cells kept by the rule, the mask's area in cells, the kept cells' mean coverage)."""
+    c = coverage(mask, h, w)
+    kept = cells(mask, h, w)
+    return [(int(k.sum()), float(r.sum()), float(r[k].mean()) if k.any() else 0.0) for r, k in zip(c, kept)]
+
+
 def region_tokens(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Tokens of an (h, w) layer that stand for the region: [B, H, W] -> bool [B, h * w]. The same cells as
     latent_mask at the latent's size; at each coarser layer, the same rule on that layer's coverage."""

@@ -4,11 +4,12 @@ Node IDs are workflow identity: never rename one.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
-from ..attention import color, edit
+from ..attention import color, edit, tokens
 from ..attention.roles import GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES
 from . import pipeline, renoise, validate
 from .pipeline import Inverted, Scene
@@ -18,6 +19,29 @@ SceneType = io.Custom("HA_SCENE")
 InvertedType = io.Custom("HA_INVERTED")
 
 COLOR_MODES = ("mean_shift", "none", "histogram")
+SMALL_REGION_CELLS = 4.0  # a region with less area than this many latent cells is "small"
+
+
+def region_notes(scene: Scene, cell: int) -> list[str]:
+    """What to tell the user about each mask that is small or thinner than a latent cell (cell x cell pixels):
+    the blend, the inpainting mask and the attention tokens all work per latent cell (attention/tokens.py)."""
+    height, width = scene.target.shape[1:3]
+    h, w = height // cell, width // cell
+    notes = []
+    for name, masks in (("source_mask", scene.source_mask), ("geometry_mask", scene.geometry_mask)):
+        for row, (kept, area, mean) in enumerate(tokens.summary(masks, h, w)):
+            if not kept or (area >= SMALL_REGION_CELLS and mean >= 0.5):
+                continue
+            what = "small" if area < SMALL_REGION_CELLS else "thinner than a latent cell"
+            label = f"{name} {row}" if masks.shape[0] > 1 else name
+            notes.append(
+                f"{label} is {what} for the {w}x{h} latent grid ({cell}x{cell} px cells): {int(masks[row].sum())} px, "
+                f"{area:.1f} cells' worth of area, carried on {kept} latent cells that it covers {mean:.0%} on average. "
+                f"The blend, the inpainting mask and the attention tokens work per latent cell, so this geometry is "
+                f"kept only to about a cell. For finer detail, upscale source and target (e.g. ImageScaleBy 2x before "
+                f"HA_GeometryImageEdit) or dilate the mask (GrowMask) to at least {cell} px wide."
+            )
+    return notes
 
 
 class GeometryImageEdit(io.ComfyNode):
@@ -148,14 +172,19 @@ class TextureAligningInversion(io.ComfyNode):
     def execute(cls, model, vae, conditioning, scene: Scene, steps, renoise_iterations, renoise_average,
                 attention) -> io.NodeOutput:
         validate.unet(model)
+        validate.conditioning_width(model, conditioning, "the conditioning")
         validate.inpaint_conditioning_free(conditioning, "HA_TextureAligningInversion")
         validate.same_size("source", scene.source, "target", scene.target,
                            "source and target are inverted in one batch: scale the source to the target's size "
                            "(ImageScale) before HA_GeometryImageEdit")
         validate.latent_size("target", scene.target)
         renoise.check(renoise_iterations, renoise_average)
-        return io.NodeOutput(pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations,
-                                             renoise_average, attention))
+        notes = region_notes(scene, vae.spacial_compression_encode())
+        for note in notes:
+            logging.warning("Harmonizing Attention: %s", note)
+        inverted = pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations, renoise_average,
+                                   attention)
+        return io.NodeOutput(inverted, ui=ui.PreviewText("\n\n".join(notes)) if notes else None)
 
 
 class LatentBlend(io.ComfyNode):
@@ -210,6 +239,8 @@ class GeometryPreservingSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, inverted: Inverted, cfg, attention) -> io.NodeOutput:
         validate.unet(model)
+        validate.conditioning_width(model, positive, "positive")
+        validate.conditioning_width(model, negative, "negative")
         validate.inpaint_conditioning_free(positive, "HA_GeometryPreservingSampler")
         validate.inpaint_conditioning_free(negative, "HA_GeometryPreservingSampler")
         if inverted.blended is None:
