@@ -51,7 +51,7 @@ def _parts_per_cell(inside: torch.Tensor, h: int, w: int) -> tuple[dict[int, fro
     found, counts = (cell[inside] * (count + 1) + labels[inside]).unique(return_counts=True)
     parts: dict[int, set] = {}
     fullest: dict[int, tuple[int, int]] = {}
-    for key, n in zip(found.tolist(), counts.tolist()):
+    for key, n in zip(found.tolist(), counts.tolist(), strict=True):
         c, label = divmod(key, count + 1)
         parts.setdefault(c, set()).add(label)
         if n > fullest.get(label, (0, 0))[0]:
@@ -122,7 +122,7 @@ def summary(mask: torch.Tensor, h: int, w: int) -> list[tuple[int, float, float]
     """Per row of [B, H, W]: (cells kept by the rule, the mask's area in cells, the kept cells' mean coverage)."""
     c = coverage(mask, h, w)
     kept = cells(mask, h, w)
-    return [(int(k.sum()), float(r.sum()), float(r[k].mean()) if k.any() else 0.0) for r, k in zip(c, kept)]
+    return [(int(k.sum()), float(r.sum()), float(r[k].mean()) if k.any() else 0.0) for r, k in zip(c, kept, strict=True)]
 
 
 def region_tokens(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:

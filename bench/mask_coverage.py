@@ -19,10 +19,8 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PACK_ROOT / "tests"))
@@ -32,30 +30,10 @@ if "harmonizing_attention" not in sys.modules:  # the pack as a package, without
     sys.modules["harmonizing_attention"] = pkg
 
 from harmonizing_attention.attention.tokens import cells, coverage  # noqa: E402
-from thin_masks import masks  # noqa: E402
+from thin_masks import lost_and_broken, masks  # noqa: E402
 
 SIZES = (64, 32, 16, 8)
 FORMAT = "{:<15} {:>6} {:>5} {:<9} {:>6} {:>8} {:>8} {:>8} {:>6} {:>5} {:>6}"
-
-
-EIGHT = np.ones((3, 3), dtype=bool)
-
-
-def lost_and_broken(mask: torch.Tensor, selected: torch.Tensor) -> tuple[int, int, int]:
-    """(parts of the mask, parts with no selected cell, parts whose selected cells are not 8-connected)."""
-    labels, n = ndimage.label(mask.numpy() > 0, structure=EIGHT)
-    size = selected.shape[0]
-    cy = (np.arange(mask.shape[0]) * size // mask.shape[0])[:, None]
-    cx = (np.arange(mask.shape[1]) * size // mask.shape[1])[None, :]
-    lost = broken = 0
-    for k in range(1, n + 1):
-        grid = np.zeros(selected.shape, dtype=bool)
-        ys, xs = np.nonzero(labels == k)
-        grid[cy[ys, 0], cx[0, xs]] = True
-        pieces = ndimage.label(grid & selected.numpy(), structure=EIGHT)[1]
-        lost += pieces == 0
-        broken += pieces > 1
-    return n, lost, broken
 
 
 def rules(mask: torch.Tensor, size: int) -> dict[str, torch.Tensor]:

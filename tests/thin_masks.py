@@ -16,7 +16,7 @@ def polyline(points, width: float, size: int = SIZE) -> torch.Tensor:
     """Pixels whose centre lies within width / 2 of the polyline through `points` ((x, y) pixel coordinates)."""
     y, x = np.mgrid[0:size, 0:size] + 0.5
     dist = np.full((size, size), np.inf)
-    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:], strict=False):
         dx, dy = x1 - x0, y1 - y0
         t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy), 0, 1)
         dist = np.minimum(dist, np.hypot(x - x0 - t * dx, y - y0 - t * dy))
@@ -29,7 +29,7 @@ def crack_path(seed: int = 0, steps: int = 24):
     t = np.linspace(0, 1, steps)
     x = 60 + 390 * t + np.cumsum(rng.normal(0, 6, steps))
     y = 70 + 370 * t + np.cumsum(rng.normal(0, 6, steps))
-    return list(zip(x, y))
+    return list(zip(x, y, strict=True))
 
 
 def droplets(seed: int = 0, count: int = 40, size: int = SIZE) -> torch.Tensor:
@@ -37,7 +37,7 @@ def droplets(seed: int = 0, count: int = 40, size: int = SIZE) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] + 0.5
     m = np.zeros((size, size), dtype=bool)
-    for cx, cy, r in zip(rng.uniform(150, 370, count), rng.uniform(150, 370, count), rng.uniform(2, 6, count)):
+    for cx, cy, r in zip(rng.uniform(150, 370, count), rng.uniform(150, 370, count), rng.uniform(2, 6, count), strict=True):
         m |= np.hypot(x - cx, y - cy) <= r
     return torch.from_numpy(m.astype(np.float32))
 
@@ -53,6 +53,28 @@ def shipped_blob() -> torch.Tensor:
 
     m = np.asarray(Image.open(EXAMPLES / "crack_mask.png").convert("RGB"))[..., 0]
     return torch.from_numpy((m / 255.0 >= 0.5).astype(np.float32))
+
+
+EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def lost_and_broken(mask: torch.Tensor, selected: torch.Tensor) -> tuple[int, int, int]:
+    """(connected parts of the mask (8-connected pixels), parts with no selected cell, parts whose selected cells
+    are not one 8-connected set). mask [H, W]; selected bool [h, w]; pixel y lies in cell row y * h // H."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask.numpy() > 0, structure=EIGHT)
+    (h, w), (H, W) = selected.shape, mask.shape
+    cy, cx = np.arange(H) * h // H, np.arange(W) * w // W
+    lost = broken = 0
+    for k in range(1, n + 1):
+        grid = np.zeros((h, w), dtype=bool)
+        ys, xs = np.nonzero(labels == k)
+        grid[cy[ys], cx[xs]] = True
+        pieces = ndimage.label(grid & selected.numpy(), structure=EIGHT)[1]
+        lost += pieces == 0
+        broken += pieces > 1
+    return n, lost, broken
 
 
 def masks() -> dict[str, torch.Tensor]:
