@@ -108,16 +108,32 @@ def _recording(model, seen):
     return harness.with_diffusion_wrapper(model, "ha-test-record-mask", record)
 
 
-def test_blend_inpainting_mask_and_tokens_agree_on_the_cells(tiny, single_thread, monkeypatch):
-    """512 px, a 3-px crack as M_src and the droplets as M_geo: the inpainting model's mask channel (what the UNet
-    receives, in inversion and generation), eq. 4's blend mask and the source tokens at every layer are the rule's
-    cells of the row's mask."""
+@pytest.fixture(scope="module")
+def attention_everywhere(tiny):
+    """A tiny inpainting UNet with self-attention at both levels, the latent's size included (tiny-inpaint has it
+    only at half size, to stay fast at 512 px)."""
+    return harness.tiny_model(in_channels=9, seed=13)
+
+
+@pytest.mark.parametrize("size", [512, 128])
+@torch.no_grad()  # as ComfyUI runs nodes
+def test_blend_inpainting_mask_and_tokens_agree_on_the_cells(tiny, attention_everywhere, single_thread, monkeypatch,
+                                                             size):
+    """A thin crack as M_src and dots (512 px: the droplets) or a 1.5-px crack as M_geo: the inpainting model's mask
+    channel (what the UNet receives, in inversion and generation), eq. 4's blend mask and the source tokens at every
+    attention layer (512 px: tiny-inpaint's 32x32; 128 px: 16x16 = the latent, and 8x8) are the rule's cells of the
+    row's mask."""
     from harmonizing_attention.attention.roles import RowPlan
     from harmonizing_attention.nodes import pipeline
 
-    model, clip, vae = tiny["tiny-inpaint"]
-    m_src, m_geo = MASKS["crack 3 px"], MASKS["droplets"]
-    scene = _scene(m_src, m_geo, 512)
+    _, clip, vae = tiny["tiny-inpaint"]
+    if size == 512:
+        model, m_src, m_geo = tiny["tiny-inpaint"][0], MASKS["crack 3 px"], MASKS["droplets"]
+    else:
+        model = attention_everywhere
+        m_src = thin_masks.polyline([(x / 4, y / 4) for x, y in thin_masks.crack_path(1)], 2.0, size)
+        m_geo = thin_masks.polyline([(x / 4, y / 4) for x, y in thin_masks.crack_path(0)], 1.5, size)
+    scene = _scene(m_src, m_geo, size)
     seen, layers = [], {}
     original = RowPlan.region_tokens
 
@@ -135,22 +151,25 @@ def test_blend_inpainting_mask_and_tokens_agree_on_the_cells(tiny, single_thread
     inverted = pipeline.blend_latents(inverted, feather=0.0)
     pipeline.generate(recorded, cond, cond, inverted, cfg=1.0, mode="geometry_preserving")
 
-    src64, geo64 = (tokens.cells(m[None], 64, 64)[0].float() for m in (m_src, m_geo))
-    assert torch.equal(inverted.blend_mask[0, 0].cpu(), geo64)
+    latent = size // 8
+    src, geo = (tokens.cells(m[None], latent, latent)[0].float() for m in (m_src, m_geo))
+    assert src.any() and geo.any()
+    assert torch.equal(inverted.blend_mask[0, 0].cpu(), geo)
     inversion = [x for x in seen if x.shape[0] == 3]
     generation = [x for x in seen if x.shape[0] == 2]
     assert inversion and generation
     for x in inversion:
-        assert torch.equal(x[0].cpu(), src64) and torch.equal(x[1].cpu(), geo64) and torch.equal(x[2].cpu(), geo64)
+        assert torch.equal(x[0].cpu(), src) and torch.equal(x[1].cpu(), geo) and torch.equal(x[2].cpu(), geo)
     for x in generation:
-        assert torch.equal(x[0].cpu(), src64) and torch.equal(x[1].cpu(), geo64)
-    assert (32, 32) in layers and (64, 64) in layers  # the tiny UNet's attention: 32x32 encoder, 64x64 decoder
+        assert torch.equal(x[0].cpu(), src) and torch.equal(x[1].cpu(), geo)
+    assert set(layers) == ({(32, 32)} if size == 512 else {(16, 16), (8, 8)})
     for (h, w), rows in layers.items():
         assert torch.equal(rows[0], tokens.cells(m_src[None], h, w)[0].flatten().nonzero().squeeze(1)), (h, w)
-    assert torch.equal(layers[(64, 64)][0], src64.flatten().nonzero().squeeze(1))
+    if size == 128:
+        assert torch.equal(layers[(latent, latent)][0], src.flatten().nonzero().squeeze(1))
 
 
-def test_thin_regions_are_reported_with_numbers_and_the_fix():
+def test_thin_regions_are_reported_with_numbers_and_the_fix(comfy):
     from harmonizing_attention.nodes.geometry import region_notes
 
     notes = region_notes(_scene(MASKS["crack 3 px"], MASKS["blob (shipped)"], 512), 8)
@@ -210,6 +229,7 @@ def float64_inpaint(tiny):
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
+@torch.no_grad()  # as ComfyUI runs nodes
 def test_source_row_equals_the_source_alone(float64_inpaint, single_thread, cfg):
     """In the full pipeline (Texture-aligning inversion of [src, tar, geo], blend, Geometry-preserving generation of
     [src, out], cond and uncond chunks batched when cfg > 1) the source row's inversion and reconstruction equal
@@ -234,7 +254,6 @@ def test_source_row_equals_the_source_alone(float64_inpaint, single_thread, cfg)
         return inverted, out, src
 
     inverted, out, src = full(scene)
-    assert inverted.latents.dtype == src.dtype == torch.float64
     assert all(p.dtype == torch.float64 for p in model.model.diffusion_model.parameters())
 
     # alone: the source row's own latent, masked image and mask; plain model, same schedule
@@ -244,10 +263,13 @@ def test_source_row_equals_the_source_alone(float64_inpaint, single_thread, cfg)
     z_t = pipeline.invert_latents(model, z0, inverted.sigmas, pos, iterations, 1)
     alone = pipeline.run_sampler(model, lambda d, x, s, cb: inversion.sample(d, x, s, callback=cb), z_t,
                                  inverted.sigmas, pos, neg, cfg)
-    # the UNet output is rounded to float32 by ComfyUI (model_base._apply_model), the rest is float64
+    # float64 throughout, except where ComfyUI rounds to float32: the UNet's output (model_base._apply_model) and
+    # the sampler's result (samplers.CFGGuider.sample). A batch of 2 rows rounds a few values 1 ulp apart from a batch
+    # of 1; measured on this model with the source alone in batches of 1 and 2: up to 1.1e-6 (z_T), 1.9e-6 (cfg 3
+    # output). A leak would be of the order of the rows' differences (> 1e-2); the exact check is the one below.
     torch.testing.assert_close(inverted.latents[:1], z_t, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(src, alone, rtol=1e-6, atol=1e-6)
-    assert (src - z0).abs().max() < (out - z0).abs().max()  # a meaningful comparison: the rows do differ
+    torch.testing.assert_close(src, alone, rtol=1e-5, atol=1e-5)
+    assert (out - src).abs().max() > 1e-2  # the rows do differ
 
     # other target, other geometry placement: the source row does not move by a single bit
     moved = _scene(mask, torch.roll(mask, -8, 0), 64)
