@@ -11,6 +11,7 @@ pixels), how many the selection loses (no cell left) or breaks (its cells fall a
 - rule:     attention/tokens.py's rule (now the blend, the inpainting mask channel and the tokens)
 
 Pure tensor work on the CPU, a few seconds:  python bench/mask_coverage.py [--markdown]
+(--markdown: one row per mask and layer, each rule as "cells · mean coverage · parts lost/broken")
 """
 from __future__ import annotations
 
@@ -45,29 +46,41 @@ def rules(mask: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def table(markdown: bool) -> list[str]:
-    lines = []
-    head = ("mask", "px", "layer", "rule", "cells", "mean cov", "min cov", "cov<0.5", "parts", "lost", "broken")
-    if markdown:
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    else:
-        lines.append(FORMAT.format(*head))
+def measure():
+    """(mask name, pixels, layer size, rule, cells, mean coverage, least coverage, cells < 0.5, parts, lost, broken)."""
     for name, mask in masks().items():
         for size in SIZES:
             c = coverage(mask[None], size, size)[0]
             for rule, sel in rules(mask, size).items():
                 picked = c[sel]
-                row = (name, int(mask.sum()), f"{size}x{size}", rule, int(sel.sum()),
-                       f"{picked.mean():.2f}" if picked.numel() else "-", f"{picked.min():.3f}" if picked.numel() else "-",
+                yield (name, int(mask.sum()), size, rule, int(sel.sum()),
+                       float(picked.mean()) if picked.numel() else None, float(picked.min()) if picked.numel() else None,
                        int((picked < 0.5).sum()), *lost_and_broken(mask, sel))
-                if markdown:
-                    lines.append("| " + " | ".join(str(v) for v in row) + " |")
-                else:
-                    lines.append(FORMAT.format(*row))
+
+
+def table() -> list[str]:
+    lines = [FORMAT.format("mask", "px", "layer", "rule", "cells", "mean cov", "min cov", "cov<0.5", "parts", "lost",
+                           "broken")]
+    for name, px, size, rule, n, mean, least, outside, parts, lost, broken in measure():
+        lines.append(FORMAT.format(name, px, f"{size}x{size}", rule, n, "-" if mean is None else f"{mean:.2f}",
+                                   "-" if least is None else f"{least:.3f}", outside, parts, lost, broken))
+    return lines
+
+
+def markdown() -> list[str]:
+    """One row per mask and layer; each rule as 'cells, mean coverage, parts lost / broken'."""
+    rows: dict = {}
+    for name, px, size, rule, n, mean, _, _, parts, lost, broken in measure():
+        cell = f"{n} · {'-' if mean is None else f'{mean:.2f}'} · {lost}/{broken}"
+        rows.setdefault((f"{name} ({px} px, {parts} part{'s' if parts > 1 else ''})", f"{size}x{size}"), {})[rule] = cell
+    lines = ["| mask | layer | tokens before (cov > 0) | blend before (cov >= 0.5) | inpaint mask before (ComfyUI "
+             "resize) | the rule: blend = inpaint mask = tokens |", "|---|---|---|---|---|---|"]
+    for (name, layer), r in rows.items():
+        lines.append(f"| {name} | {layer} | {r['touched']} | {r['majority']} | {r.get('comfy', '')} | {r['rule']} |")
     return lines
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--markdown", action="store_true", help="a Markdown table (notes/README-issue-11.md)")
-    print("\n".join(table(p.parse_args().markdown)))
+    p.add_argument("--markdown", action="store_true", help="the compact Markdown table of notes/README-issue-11.md")
+    print("\n".join(markdown() if p.parse_args().markdown else table()))
