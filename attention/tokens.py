@@ -18,8 +18,8 @@ What that gives, at every resolution:
 - every cell covered at least half is kept; a region wider than a cell gets exactly the cells it covers at
   least half (the majority rule, eq. 4 as published);
 - a cell mostly outside the mask is kept only along structures thinner than a cell, where no cell is mostly
-  inside: the cells the structure runs through, not those it grazes (notes/README-issue-11.md: figures per
-  layer and mask kind, from bench/mask_coverage.py).
+  inside: the cells the structure runs through, not those it grazes (bench/mask_coverage.py prints the figures
+  per layer and mask kind).
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ def region_notes(scene: Scene, cell: int) -> list[str]:
         for row, (kept, area, mean) in enumerate(tokens.summary(masks, h, w)):
             if not kept or (area >= SMALL_REGION_CELLS and mean >= 0.5):
                 continue
-            what = "small" if area < SMALL_REGION_CELLS else "thinner than a latent cell"
+            what = " and ".join(w for w, on in (("small", area < SMALL_REGION_CELLS),
+                                                ("thinner than a latent cell", mean < 0.5)) if on)
             label = f"{name} {row}" if masks.shape[0] > 1 else name
             notes.append(
                 f"{label} is {what} for the {w}x{h} latent grid ({cell}x{cell} px cells): {int(masks[row].sum())} px, "

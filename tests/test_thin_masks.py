@@ -1,6 +1,8 @@
 """Thin geometry survives: one rule (attention/tokens.py) from a pixel mask to the latent cells of eq. 4's blend, the
 inpainting model's mask channel and the attention tokens of every layer; and the source row is untouched by the
 other rows."""
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,8 +171,9 @@ def test_blend_inpainting_mask_and_tokens_agree_on_the_cells(tiny, attention_eve
         assert torch.equal(layers[(latent, latent)][0], src.flatten().nonzero().squeeze(1))
 
 
-def test_thin_regions_are_reported_with_numbers_and_the_fix(comfy):
+def test_thin_regions_are_reported_with_numbers_and_the_fix(tiny, single_thread, caplog):
     from harmonizing_attention.nodes.geometry import region_notes
+    from test_pipeline import graph
 
     notes = region_notes(_scene(MASKS["crack 3 px"], MASKS["blob (shipped)"], 512), 8)
     assert len(notes) == 1
@@ -178,8 +181,14 @@ def test_thin_regions_are_reported_with_numbers_and_the_fix(comfy):
                                "1654 px, 25.8 cells' worth of area, carried on 62 latent cells")
     assert "upscale" in notes[0] and "GrowMask" in notes[0]
     dot = thin_masks.ellipse(100, 100, 6, 6)
-    assert "is small for the 64x64 latent grid" in region_notes(_scene(MASKS["large"], dot, 512), 8)[0]
+    assert "geometry_mask is small for the 64x64 latent grid" in region_notes(_scene(MASKS["large"], dot, 512), 8)[0]
     assert region_notes(_scene(MASKS["large"], MASKS["blob (shipped)"], 512), 8) == []
+    # through the graph: a 2-px scratch, said by HA_TextureAligningInversion before it inverts; the run goes on
+    with caplog.at_level(logging.WARNING):
+        out = harness.run_prompt(graph(mask_box=(16, 18, 8, 48)))
+    assert ("source_mask is small and thinner than a latent cell for the 8x8 latent grid (8x8 px cells): 80 px, "
+            "1.2 cells' worth of area, carried on 5 latent cells that it covers 25% on average") in caplog.text
+    assert torch.isfinite(out["10"][0]["samples"]).all()
 
 
 def test_conditioning_of_another_width_is_refused_at_the_first_node(tiny):
