@@ -207,6 +207,7 @@ class AppearanceInversion(io.ComfyNode):
     def execute(cls, model, vae, conditioning, structure, appearance, steps, denoise, renoise_iterations,
                 renoise_average) -> io.NodeOutput:
         validate.unet(model)
+        validate.conditioning_width(model, conditioning, "the conditioning")
         validate.inpaint_conditioning_free(conditioning, "HA_AppearanceInversion")
         validate.image("structure", structure)
         validate.image("appearance", appearance)
@@ -314,6 +315,8 @@ class CrossImageSampler(io.ComfyNode):
                 adain_start, adain_end, injection_period, injection_until, output_mask=None,
                 appearance_mask=None) -> io.NodeOutput:
         validate.unet(model)
+        validate.conditioning_width(model, positive, "positive")
+        validate.conditioning_width(model, negative, "negative")
         validate.inpaint_conditioning_free(positive, "HA_CrossImageSampler")
         validate.inpaint_conditioning_free(negative, "HA_CrossImageSampler")
         family = pipeline.model_family(model)

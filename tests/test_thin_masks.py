@@ -192,8 +192,9 @@ def test_thin_regions_are_reported_with_numbers_and_the_fix(tiny, single_thread,
 
 
 def test_conditioning_of_another_width_is_refused_at_the_first_node(tiny):
-    """An SDXL-wide text encoding into an SD1.5-shaped model: refused by HA_TextureAligningInversion, naming both
-    widths and the fix, instead of a matmul error inside sampling."""
+    """An SDXL-wide text encoding into an SD1.5-shaped model: refused by the first node that gets both
+    (HA_TextureAligningInversion, HA_AppearanceInversion), naming both widths and the fix, instead of a matmul
+    error inside sampling."""
     from harmonizing_attention.nodes import validate
     from test_pipeline import graph
 
@@ -212,6 +213,15 @@ def test_conditioning_of_another_width_is_refused_at_the_first_node(tiny):
     with pytest.raises(harness.PromptError) as err:
         harness.run_prompt(prompt)
     assert "64-wide text tokens" in str(err.value) and "HA_TextureAligningInversion" in str(err.value) + str(err.value.details)
+    # appearance transfer's first node too
+    from test_cross_image import graph as cross_graph
+
+    prompt = cross_graph()
+    prompt["21"] = {"class_type": "HATest_TinyCheckpoint", "inputs": {"ckpt_name": "tiny-sdxl-clip"}}
+    prompt["2"]["inputs"]["clip"] = ["21", 1]
+    with pytest.raises(harness.PromptError) as err:
+        harness.run_prompt(prompt)
+    assert "64-wide text tokens" in str(err.value) and "HA_AppearanceInversion" in str(err.value) + str(err.value.details)
 
 
 # ---------------------------------------------------------------- the source row is the source alone
