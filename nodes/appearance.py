@@ -128,7 +128,7 @@ class CrossImageGuider(comfy.samplers.CFGGuider):
 def _latent_masks(mask: torch.Tensor | None, pairs: int, h: int, w: int) -> torch.Tensor | None:
     if mask is None:
         return None
-    m = latent_mask(mask.float(), h, w)[:, 0] > 0.5  # [B, h, w], a cell is in when half covered
+    m = latent_mask(mask.float(), h, w)[:, 0] > 0.5  # [B, h, w], the cells of tokens.py's mask rule
     return m.expand(pairs, -1, -1) if m.shape[0] != pairs else m
 
 
@@ -207,6 +207,7 @@ class AppearanceInversion(io.ComfyNode):
     def execute(cls, model, vae, conditioning, structure, appearance, steps, denoise, renoise_iterations,
                 renoise_average) -> io.NodeOutput:
         validate.unet(model)
+        validate.conditioning_width(model, conditioning, "the conditioning")
         validate.inpaint_conditioning_free(conditioning, "HA_AppearanceInversion")
         validate.image("structure", structure)
         validate.image("appearance", appearance)
@@ -314,6 +315,8 @@ class CrossImageSampler(io.ComfyNode):
                 adain_start, adain_end, injection_period, injection_until, output_mask=None,
                 appearance_mask=None) -> io.NodeOutput:
         validate.unet(model)
+        validate.conditioning_width(model, positive, "positive")
+        validate.conditioning_width(model, negative, "negative")
         validate.inpaint_conditioning_free(positive, "HA_CrossImageSampler")
         validate.inpaint_conditioning_free(negative, "HA_CrossImageSampler")
         family = pipeline.model_family(model)
@@ -341,9 +344,9 @@ class CrossImageSampler(io.ComfyNode):
                                  "one mask for all pairs, or one per pair")
             m = _latent_masks(mask, pairs, h, w)
             empty = [b for b in range(m.shape[0]) if not m[b].any()]
-            if empty:
-                raise ValueError(f"{name} covers no latent cell ({w}x{h}) in batch row(s) {empty}: enlarge it "
-                                 "(it needs half of an 8x8 pixel block) or leave it unconnected")
+            if empty:  # the mask rule keeps a cell for any non-empty mask: these rows are all zero
+                raise ValueError(f"{name} is empty (all zero) in batch row(s) {empty}: draw the region or leave "
+                                 "the input unconnected")
         out, app, struct = generate(model, positive, negative, inverted, cfg, schedule, contrast, contrast_clip,
                                     output_mask, appearance_mask)
         return io.NodeOutput({"samples": out}, {"samples": app}, {"samples": struct})

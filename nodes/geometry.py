@@ -5,11 +5,12 @@ Node IDs are workflow identity: never rename one.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
-from ..attention import color, edit
+from ..attention import color, edit, tokens
 from ..attention.kv import AUTO_AREA
 from ..attention.roles import BALANCE_MODES, GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES, balance
 from . import pipeline, placement_view, renoise, validate
@@ -38,10 +39,36 @@ def balance_inputs(reference: str, auto_note: str) -> list:
     ]
 
 
-def _balance_ui(stage: str, lines: list[str]):
-    if not lines:
-        return None
-    return {"text": (f"{stage} balance per layer (keys, weight, share at equal logits):\n" + "\n".join(lines),)}
+def _ui_text(notes: list[str], stage: str, balance_lines: list[str]):
+    """The node's UI text: the region notes, then the balance each layer got; None when there is nothing to say."""
+    sections = list(notes)
+    if balance_lines:
+        sections.append(f"{stage} balance per layer (keys, weight, share at equal logits):\n" + "\n".join(balance_lines))
+    return ui.PreviewText("\n\n".join(sections)) if sections else None
+SMALL_REGION_CELLS = 4.0  # a region with less area than this many latent cells is "small"
+
+
+def region_notes(scene: Scene, cell: int) -> list[str]:
+    """What to tell the user about each mask that is small or thinner than a latent cell (cell x cell pixels):
+    the blend, the inpainting mask and the attention tokens all work per latent cell (attention/tokens.py)."""
+    height, width = scene.target.shape[1:3]
+    h, w = height // cell, width // cell
+    notes = []
+    for name, masks in (("source_mask", scene.source_mask), ("geometry_mask", scene.geometry_mask)):
+        for row, (kept, area, mean) in enumerate(tokens.summary(masks, h, w)):
+            if not kept or (area >= SMALL_REGION_CELLS and mean >= 0.5):
+                continue
+            what = " and ".join(w for w, on in (("small", area < SMALL_REGION_CELLS),
+                                                ("thinner than a latent cell", mean < 0.5)) if on)
+            label = f"{name} {row}" if masks.shape[0] > 1 else name
+            notes.append(
+                f"{label} is {what} for the {w}x{h} latent grid ({cell}x{cell} px cells): {int(masks[row].sum())} px, "
+                f"{area:.1f} cells' worth of area, carried on {kept} latent cells that it covers {mean:.0%} on average. "
+                f"The blend, the inpainting mask and the attention tokens work per latent cell, so this geometry is "
+                f"kept only to about a cell. For finer detail, upscale source and target (e.g. ImageScaleBy 2x before "
+                f"HA_GeometryImageEdit) or dilate the mask (GrowMask) to at least {cell} px wide."
+            )
+    return notes
 
 
 class GeometryImageEdit(io.ComfyNode):
@@ -193,16 +220,20 @@ class TextureAligningInversion(io.ComfyNode):
     def execute(cls, model, vae, conditioning, scene: Scene, steps, renoise_iterations, renoise_average,
                 attention, balance="paper", balance_weight=1.0) -> io.NodeOutput:
         validate.unet(model)
+        validate.conditioning_width(model, conditioning, "the conditioning")
         validate.inpaint_conditioning_free(conditioning, "HA_TextureAligningInversion")
         validate.same_size("source", scene.source, "target", scene.target,
                            "source and target are inverted in one batch: scale the source to the target's size "
                            "(ImageScale) before HA_GeometryImageEdit")
         validate.latent_size("target", scene.target)
         renoise.check(renoise_iterations, renoise_average)
+        notes = region_notes(scene, vae.spacial_compression_encode())
+        for note in notes:
+            logging.warning("Harmonizing Attention: %s", note)
         weights, report = _balance(balance, balance_weight), []
         inverted = pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations, renoise_average,
                                    attention, balance=weights, report=report)
-        return io.NodeOutput(inverted, ui=_balance_ui("texture-aligning", report))
+        return io.NodeOutput(inverted, ui=_ui_text(notes, "texture-aligning", report))
 
 
 class LatentBlend(io.ComfyNode):
@@ -264,6 +295,8 @@ class GeometryPreservingSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, inverted: Inverted, cfg, attention, balance="paper",
                 balance_weight=1.0) -> io.NodeOutput:
         validate.unet(model)
+        validate.conditioning_width(model, positive, "positive")
+        validate.conditioning_width(model, negative, "negative")
         validate.inpaint_conditioning_free(positive, "HA_GeometryPreservingSampler")
         validate.inpaint_conditioning_free(negative, "HA_GeometryPreservingSampler")
         if inverted.blended is None:
@@ -276,7 +309,7 @@ class GeometryPreservingSampler(io.ComfyNode):
         weights, report = _balance(balance, balance_weight), []
         out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, balance=weights,
                                      report=report)
-        return io.NodeOutput({"samples": out}, {"samples": src}, ui=_balance_ui("geometry-preserving", report))
+        return io.NodeOutput({"samples": out}, {"samples": src}, ui=_ui_text([], "geometry-preserving", report))
 
 
 def _balance(mode, weight):

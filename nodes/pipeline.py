@@ -131,11 +131,17 @@ def _row_masks(scene: Scene, rows: str) -> torch.Tensor:
 
 def with_inpaint(conditioning, masked_latents: Optional[torch.Tensor], masks: torch.Tensor):
     """Per-row inpainting concat: each row gets its own mask and masked image (ComfyUI keeps per-row
-    values whose batch equals the latent batch)."""
+    values whose batch equals the latent batch). masks [B, H, W] in pixels.
+
+    The mask channel is handed over at the latent's size, binary, by tokens.latent_mask's rule: ComfyUI's
+    concat_cond (model_base.BaseModel, 0.3.64 and 0.33) resizes a concat_mask only when its size differs
+    from the latent's and then rounds it, both no-ops here, so the model sees the very cells that the blend
+    and the attention tokens use."""
     if masked_latents is None:
         return conditioning
+    h, w = masked_latents.shape[-2:]
     return node_helpers.conditioning_set_values(
-        conditioning, {"concat_latent_image": masked_latents, "concat_mask": masks[:, None]}
+        conditioning, {"concat_latent_image": masked_latents, "concat_mask": latent_mask(masks, h, w)}
     )
 
 

@@ -67,3 +67,34 @@ def inpaint_conditioning_free(conditioning, node: str) -> None:
                 f"the conditioning given to {node} already carries inpainting inputs (from InpaintModelConditioning): "
                 "connect the CLIPTextEncode output directly; the node sets each row's mask and masked image itself"
             )
+
+
+# text encoders by the width of their token embeddings (the conditioning's last dimension)
+TEXT_ENCODERS = {
+    768: "CLIP-L, as SD1.x uses",
+    1024: "OpenCLIP ViT-H, as SD2.x uses",
+    1280: "OpenCLIP ViT-bigG alone, as the SDXL refiner uses",
+    2048: "CLIP-L + OpenCLIP ViT-bigG, as SDXL uses",
+    4096: "T5-XXL, as Flux and SD3 use",
+}
+
+
+def _encoder(width: int) -> str:
+    return TEXT_ENCODERS.get(width, "an unusual text encoder")
+
+
+def conditioning_width(model, conditioning, name: str) -> None:
+    """The conditioning's tokens are as wide as the model's cross-attention expects: an SDXL prompt in an SD1.5
+    model would otherwise fail as a matrix-shape error deep inside sampling."""
+    config = model.model.model_config.unet_config
+    expected = config.get("context_dim") or config.get("context_in_dim")
+    if not expected:
+        return
+    for cond, _ in conditioning:
+        width = cond.shape[-1]
+        if width != expected:
+            raise ValueError(
+                f"{name} has {width}-wide text tokens ({_encoder(width)}) but this model's cross-attention takes "
+                f"{expected}-wide tokens ({_encoder(expected)}): encode the prompt with the text encoder of this "
+                "model's checkpoint (connect the CLIP output of the loader that gives this MODEL to CLIPTextEncode)"
+            )

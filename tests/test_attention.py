@@ -97,7 +97,7 @@ def test_empty_source_region_is_exactly_plain():
     assert torch.equal(out, sdpa_kernel(q, k, v))
 
 
-def test_region_tokens_keep_every_touched_cell():
+def test_region_tokens_keep_a_single_pixel_at_every_size():
     mask = torch.zeros(1, 16, 16)
     mask[0, 3, 9] = 1  # a single pixel
     for size in (16, 8, 4, 2, 1):

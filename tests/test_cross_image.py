@@ -312,12 +312,13 @@ def graph(ckpt="tiny", size=64, **sampler):
     return prompt
 
 
-def with_masks(prompt, size=64, out_box=(8, 40, 16, 56), app_box=(0, 64, 0, 32), mask_size=None):
+def with_masks(prompt, size=64, out_box=(8, 40, 16, 56), app_box=(0, 64, 0, 32), mask_size=None, out_value=1.0):
     mask_size = mask_size or size
     for node, (y0, y1, x0, x1), slot in (("20", out_box, "output_mask"), ("23", app_box, "appearance_mask")):
         base, box, comp = node, str(int(node) + 1), str(int(node) + 2)
         prompt[base] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": mask_size, "height": mask_size}}
-        prompt[box] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": max(1, x1 - x0),
+        value = out_value if node == "20" else 1.0
+        prompt[box] = {"class_type": "SolidMask", "inputs": {"value": value, "width": max(1, x1 - x0),
                                                              "height": max(1, y1 - y0)}}
         prompt[comp] = {"class_type": "MaskComposite", "inputs": {"destination": [base, 0], "source": [box, 0],
                                                                   "x": x0, "y": y0, "operation": "add"}}
@@ -373,11 +374,11 @@ def test_masks_inpainting_model_and_progress(tiny):
     ({"4": {"width": 72}}, "scale the appearance image"),
     ({"5": {"renoise_iterations": 2, "renoise_average": 3}}, "renoise_average"),
     ({"mask_size": 32}, "output_mask is 32x32 but the images are 64x64"),
-    ({"out_box": (0, 2, 0, 2)}, "output_mask covers no latent cell"),
+    ({"out_value": 0.0}, "output_mask is empty (all zero)"),
 ])
 def test_bad_input_is_reported_clearly(tiny, change, message):
     prompt = graph()
-    if "mask_size" in change or "out_box" in change:
+    if "mask_size" in change or "out_value" in change:
         prompt = with_masks(prompt, **change)
     else:
         for node_id, inputs in change.items():
