@@ -54,6 +54,28 @@ def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optio
     return parts
 
 
+def _joint(row: int, parts: list, image: tuple[int, int], n: int, device) -> list:
+    """Parts of a joint-attention row (text and image tokens in one sequence): refs name image tokens.
+
+    Region indices count image tokens, so they shift by the image span's start; another row's whole
+    ref is its image span only. The row's own whole ref keeps all its tokens (text, image and any
+    other); without it the row still keeps its own non-image tokens (its text)."""
+    start, stop = image
+    out = [] if (row, None) in parts else [(row, torch.cat([torch.arange(0, start, device=device),
+                                                             torch.arange(stop, n, device=device)]))]
+    for r, index in parts:
+        if index is None:
+            out.append((r, None) if r == row else (r, torch.arange(start, stop, device=device)))
+        else:
+            out.append((r, index.to(device) + start))
+    return out
+
+
+def effective(refs: Sequence[Refs], regions: Optional[Mapping[int, torch.Tensor]] = None) -> bool:
+    """Whether any row's rule differs from plain self-attention (else shared_attention is the kernel itself)."""
+    return any(_resolve(r, refs[r], regions or {}) is not None for r in range(len(refs)))
+
+
 def _gather(t: torch.Tensor, parts: list) -> torch.Tensor:
     return torch.cat([t[row] if index is None else t[row, index] for row, index in parts], dim=0)
 
@@ -67,6 +89,7 @@ def shared_attention(
     regions: Optional[Mapping[int, torch.Tensor]] = None,
     ref_kernel: Optional[Kernel] = None,
     base: Optional[torch.Tensor] = None,
+    image: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Attention where row r's keys/values are those named by refs[r].
 
@@ -75,12 +98,20 @@ def shared_attention(
     kernel) the rows with a rule. `base`, when given, is the plain output of the whole batch already
     computed (by another patch being chained): plain rows take it as is. When no row has an
     effective rule, the result is exactly kernel(q, k, v) (or `base`).
+
+    `image` = (start, stop): joint attention (a DiT's text and image tokens in one sequence): the
+    rules act on the image tokens [start, stop), region masks index them, and each row with a rule
+    keeps its own other tokens (see _joint). Only dims 0 (rows) and 1 (tokens) are indexed, so
+    q, k, v may also be [R, N, heads, dim_head].
     """
     if len(refs) != q.shape[0]:
         raise ValueError(f"{len(refs)} attention rules for a batch of {q.shape[0]} rows")
     resolved = [_resolve(r, refs[r], regions or {}) for r in range(q.shape[0])]
     if all(parts is None for parts in resolved):
         return kernel(q, k, v) if base is None else base
+    if image is not None:
+        resolved = [None if parts is None else _joint(r, parts, image, k.shape[1], k.device)
+                    for r, parts in enumerate(resolved)]
 
     ref_kernel = ref_kernel or kernel
     plain = [r for r, parts in enumerate(resolved) if parts is None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .patch import is_inpainting, self_attention_blocks
+from .patch import dit_blocks, is_dit, is_inpainting, self_attention_blocks
 
 
 def _hw(t: torch.Tensor) -> str:
@@ -47,7 +47,11 @@ def latent_size(name: str, t: torch.Tensor, multiple: int = 8) -> None:
 
 
 def unet(model) -> None:
-    """The model is a UNet we can patch; say which inpainting inputs it will receive."""
+    """The model is a UNet or a diffusion transformer (Flux.1, Flux.1 Fill, SD3.x) we can patch; any other
+    family is refused with its name."""
+    if is_dit(model):
+        dit_blocks(model)
+        return
     self_attention_blocks(model)
     in_channels = model.model.model_config.unet_config.get("in_channels")
     if in_channels not in (4, 9):
