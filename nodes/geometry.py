@@ -20,6 +20,25 @@ InvertedType = io.Custom("HA_INVERTED")
 COLOR_MODES = ("mean_shift", "none", "histogram")
 
 
+def dit_window_inputs(start: float = 0.0, end: float = 1.0, what: str = "the rule") -> list:
+    """Optional inputs naming the blocks of a diffusion transformer that are patched; a UNet ignores them."""
+    return [
+        io.Float.Input("dit_block_start", default=start, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip=f"Diffusion transformers (Flux, SD3) only: {what} acts in the blocks from this fraction "
+                               "of the depth (blocks in call order: Flux's double-stream blocks, then its single-stream "
+                               "ones; the i-th of n sits at i / n). UNets ignore it."),
+        io.Float.Input("dit_block_end", default=end, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip="... until this fraction, exclusive (1: to the last block)."),
+    ]
+
+
+def check_dit_window(dit_block_start, dit_block_end) -> None:
+    """In execute, before any work (ComfyUI checks each value's range itself)."""
+    if dit_block_start > dit_block_end:
+        raise ValueError(f"dit_block_start is {dit_block_start} but dit_block_end is {dit_block_end}: the window "
+                         "starts after it ends; swap them")
+
+
 class GeometryImageEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -125,7 +144,8 @@ class TextureAligningInversion(io.ComfyNode):
                         "The geometry rows use Texture-aligning Attention (eq. 3): their queries also attend "
                         "to the target's keys and values, pulling the patch into the target's texture.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet; the paper uses SD1.5 inpainting."),
+                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet (the paper uses SD1.5 inpainting), Flux.1 "
+                                                "(dev, schnell, Fill) or SD3.x."),
                 io.Vae.Input("vae"),
                 io.Conditioning.Input("conditioning",
                                       tooltip="The prompt's conditioning (paper: empty prompt), straight from "
@@ -136,6 +156,7 @@ class TextureAligningInversion(io.ComfyNode):
                 io.Combo.Input("attention", options=list(TEXTURE_ALIGNING_MODES), default="texture_aligning",
                                tooltip="texture_aligning: [K_geo; K_tar] (eq. 3). geometry_only: plain self-attention. "
                                        "target_only: K_tar only (the paper's ablation 4.6.2)."),
+                *dit_window_inputs(what="Texture-aligning Attention"),
             ],
             outputs=[InvertedType.Output(display_name="inverted", tooltip="Inverted latents with their schedule and masks.")],
         )
@@ -146,7 +167,7 @@ class TextureAligningInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, conditioning, scene: Scene, steps, renoise_iterations, renoise_average,
-                attention) -> io.NodeOutput:
+                attention, dit_block_start=0.0, dit_block_end=1.0) -> io.NodeOutput:
         validate.unet(model)
         validate.inpaint_conditioning_free(conditioning, "HA_TextureAligningInversion")
         validate.same_size("source", scene.source, "target", scene.target,
@@ -154,8 +175,9 @@ class TextureAligningInversion(io.ComfyNode):
                            "(ImageScale) before HA_GeometryImageEdit")
         validate.latent_size("target", scene.target)
         renoise.check(renoise_iterations, renoise_average)
+        check_dit_window(dit_block_start, dit_block_end)
         return io.NodeOutput(pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations,
-                                             renoise_average, attention))
+                                             renoise_average, attention, (dit_block_start, dit_block_end)))
 
 
 class LatentBlend(io.ComfyNode):
@@ -199,6 +221,7 @@ class GeometryPreservingSampler(io.ComfyNode):
                 io.Combo.Input("attention", options=list(GEOMETRY_PRESERVING_MODES), default="geometry_preserving",
                                tooltip="geometry_preserving: [K_out; K_src inside M_src] (eq. 5). self_only: plain "
                                        "self-attention. source_only: K_src inside M_src only (ablation 4.6.3)."),
+                *dit_window_inputs(what="Geometry-preserving Attention"),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The composites, one per pair: connect to VAEDecode."),
@@ -208,7 +231,8 @@ class GeometryPreservingSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, inverted: Inverted, cfg, attention) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, inverted: Inverted, cfg, attention, dit_block_start=0.0,
+                dit_block_end=1.0) -> io.NodeOutput:
         validate.unet(model)
         validate.inpaint_conditioning_free(positive, "HA_GeometryPreservingSampler")
         validate.inpaint_conditioning_free(negative, "HA_GeometryPreservingSampler")
@@ -219,7 +243,8 @@ class GeometryPreservingSampler(io.ComfyNode):
         if family != inverted.model_family:
             raise ValueError(f"the latents were inverted with a {inverted.model_family} model but this sampler has a "
                              f"{family} model: connect the same MODEL to both nodes")
-        out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention)
+        check_dit_window(dit_block_start, dit_block_end)
+        out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, (dit_block_start, dit_block_end))
         return io.NodeOutput({"samples": out}, {"samples": src})
 
 
