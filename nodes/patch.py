@@ -72,7 +72,7 @@ def dit_blocks(model) -> list[tuple[str, int]]:
     else:
         names = ("joint_blocks",)
     keys = []
-    for name, kind in zip(names, ("double_block", "single_block")):
+    for name, kind in zip(names, ("double_block", "single_block"), strict=False):
         keys += [(kind, i) for i in range(len(getattr(dit, name, ())))]
     if not keys:
         raise UnsupportedModel(f"this {family} model ({type(dit).__name__}) has no joint-attention block to patch")
