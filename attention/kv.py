@@ -55,20 +55,16 @@ def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optio
 
 
 def _joint(row: int, parts: list, image: tuple[int, int], n: int, device) -> list:
-    """Parts of a joint-attention row (text and image tokens in one sequence): refs name image tokens.
+    """Parts of a joint-attention row (text and image tokens in one sequence).
 
-    Region indices count image tokens, so they shift by the image span's start; another row's whole
-    ref is its image span only. The row's own whole ref keeps all its tokens (text, image and any
-    other); without it the row still keeps its own non-image tokens (its text)."""
+    A whole ref is the whole row, text included, so [geo; tar] with tar == geo duplicates every key and is
+    plain attention again, as in a UNet. A region ref names image tokens (region indices count image tokens,
+    so they shift by the image span's start). A rule without the row's own whole ref still keeps its own
+    non-image tokens (its text)."""
     start, stop = image
     out = [] if (row, None) in parts else [(row, torch.cat([torch.arange(0, start, device=device),
                                                              torch.arange(stop, n, device=device)]))]
-    for r, index in parts:
-        if index is None:
-            out.append((r, None) if r == row else (r, torch.arange(start, stop, device=device)))
-        else:
-            out.append((r, index.to(device) + start))
-    return out
+    return out + [(r, None if index is None else index.to(device) + start) for r, index in parts]
 
 
 def effective(refs: Sequence[Refs], regions: Optional[Mapping[int, torch.Tensor]] = None) -> bool:
@@ -99,8 +95,8 @@ def shared_attention(
     computed (by another patch being chained): plain rows take it as is. When no row has an
     effective rule, the result is exactly kernel(q, k, v) (or `base`).
 
-    `image` = (start, stop): joint attention (a DiT's text and image tokens in one sequence): the
-    rules act on the image tokens [start, stop), region masks index them, and each row with a rule
+    `image` = (start, stop): joint attention (a DiT's text and image tokens in one sequence): region
+    masks index the image tokens [start, stop), a whole ref is the whole row, and each row with a rule
     keeps its own other tokens (see _joint). Only dims 0 (rows) and 1 (tokens) are indexed, so
     q, k, v may also be [R, N, heads, dim_head].
     """

@@ -328,6 +328,17 @@ def tiny_sd3(seed: int = 0, self_attention_layers=(0,)):
     return model
 
 
+def tiny_pixart(seed: int = 0):
+    """A tiny PixArt-alpha through comfy.supported_models: a DiT whose self-attention bypasses transformer_options
+    (no patch can take it over), so a family the pack refuses."""
+    import comfy.supported_models
+
+    config = {"image_model": "pixart_alpha", "hidden_size": 64, "depth": 1, "num_heads": 2,
+              "caption_channels": TINY_CONTEXT_DIM, "input_size": 8, "patch_size": 2, "in_channels": 4,
+              "pe_interpolation": 1.0}
+    return _patcher(comfy.supported_models.PixArtAlpha(config), {}, seed)
+
+
 def with_diffusion_wrapper(model, key, fn):
     """A clone of `model` with `fn` as a DIFFUSION_MODEL wrapper in its transformer_options, so it runs both
     in sampling and in direct apply_model calls with those options."""
