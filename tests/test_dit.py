@@ -370,3 +370,26 @@ def test_appearance_transfer_nodes_on_flux(dits):
     out = harness.run_prompt(prompt)
     latent = out["6"][0]["samples"]
     assert latent.shape == (1, 16, 4, 4) and torch.isfinite(latent).all()
+
+
+@pytest.mark.parametrize("name", ["flux_fill_geometry_transfer", "sd3_geometry_transfer"])
+def test_shipped_dit_workflows_run_with_tiny_models(dits, name):
+    """The shipped API twins as they are, loaders swapped for the tiny Flux Fill / SD3 (comfy_server.swap_loaders),
+    ImageScale at 64 px and 1 step; the UI twins convert to them (test_pipeline checks every workflow)."""
+    import json
+
+    import comfy_server
+    from test_pipeline import shipped
+
+    prompt = shipped(f"api/{name}.json")  # the example images in the input folder
+    prompt = comfy_server.swap_loaders(json.loads((harness.PACK_ROOT / "workflows" / "api" / f"{name}.json").read_text()))
+    assert {n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "HATest_TinyCheckpoint"} == {
+        "tiny-flux-fill" if "flux" in name else "tiny-sd3"}
+    for node in prompt.values():
+        if node["class_type"] == "ImageScale":
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "HA_TextureAligningInversion":
+            node["inputs"].update(steps=1, renoise_iterations=1)
+    out = harness.run_prompt(prompt)
+    decoded = out["11"][0]
+    assert decoded.shape == (1, 64, 64, 3) and torch.isfinite(decoded).all()
