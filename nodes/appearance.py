@@ -54,6 +54,7 @@ class AppearanceInverted:
     image_size: tuple[int, int]  # (H, W) of the structure and appearance images
     inpaint_latents: torch.Tensor | None = None  # [3P, C, h, w]
     inpaint_masks: torch.Tensor | None = None  # [3P, H, W]
+    guidance: float | None = None  # a guidance-distilled model's (Flux dev) guidance input of the inversion
 
     @property
     def layout(self) -> AppearanceLayout:
@@ -96,7 +97,7 @@ def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.
         z_t = torch.cat([z_t, z_t[p:]])
     return AppearanceInverted(latents=z_t, sigmas=sigmas, model_family=pipeline.model_family(model),
                               image_size=tuple(structure.shape[1:3]), inpaint_latents=inpaint_latents,
-                              inpaint_masks=inpaint_masks)
+                              inpaint_masks=inpaint_masks, guidance=pipeline.guidance_of(model, conditioning))
 
 
 class CrossImageGuider(comfy.samplers.CFGGuider):
@@ -143,6 +144,8 @@ def generate(model, positive, negative, inverted: AppearanceInverted, cfg: float
     Returns latents (outputs, appearance reconstructions, structure reconstructions)."""
     layout = inverted.layout
     p = layout.pairs
+    positive = pipeline.same_guidance(model, positive, "positive", inverted.guidance)
+    negative = pipeline.same_guidance(model, negative, "negative", inverted.guidance, strict=False)
     positive = pipeline.with_inpaint(positive, inverted.inpaint_latents, inverted.inpaint_masks)
     negative = pipeline.with_inpaint(negative, inverted.inpaint_latents, inverted.inpaint_masks)
     rules = CrossImageRules(layout, schedule)
@@ -218,7 +221,7 @@ class AppearanceInversion(io.ComfyNode):
                            "both are denoised in one batch: scale the appearance image to the structure's size "
                            "(ImageScale)")
         validate.batches("structure", structure.shape[0], "appearance", appearance.shape[0])
-        validate.latent_size("structure", structure)
+        validate.latent_size("structure", structure, validate.pixel_multiple(model))
         renoise.check(renoise_iterations, renoise_average)
         return io.NodeOutput(invert(model, vae, conditioning, structure, appearance, steps, denoise,
                                     renoise_iterations, renoise_average))

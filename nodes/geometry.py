@@ -173,7 +173,7 @@ class TextureAligningInversion(io.ComfyNode):
         validate.same_size("source", scene.source, "target", scene.target,
                            "source and target are inverted in one batch: scale the source to the target's size "
                            "(ImageScale) before HA_GeometryImageEdit")
-        validate.latent_size("target", scene.target)
+        validate.latent_size("target", scene.target, validate.pixel_multiple(model))
         renoise.check(renoise_iterations, renoise_average)
         check_dit_window(dit_block_start, dit_block_end)
         return io.NodeOutput(pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations,

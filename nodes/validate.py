@@ -41,9 +41,16 @@ def latent_size(name: str, t: torch.Tensor, multiple: int = 8) -> None:
     h, w = t.shape[-3:-1]
     if h % multiple or w % multiple:
         raise ValueError(
-            f"{name} is {w}x{h}: width and height must be multiples of {multiple} for the VAE; "
+            f"{name} is {w}x{h}: width and height must be multiples of {multiple} for the VAE"
+            f"{'' if multiple == 8 else ' and the 2x2 patches of the model'}; "
             f"resize or crop it (e.g. to {w // multiple * multiple}x{h // multiple * multiple})"
         )
+
+
+def pixel_multiple(model) -> int:
+    """Image sides must be multiples of this: the VAE's 8, times a DiT's 2x2 patches (16), so that every image
+    token covers whole pixels of the masks (a DiT pads an odd latent, which would shift its token grid)."""
+    return 16 if is_dit(model) else 8
 
 
 def unet(model) -> None:

@@ -337,6 +337,13 @@ def test_flux_guidance_is_kept_from_inversion_to_sampling(dits):
     wrapped = harness.with_diffusion_wrapper(model, "ha-test-guidance", record)
     out, src = pipeline.generate(wrapped, cond, cond, inverted, 1.0, "geometry_preserving")
     assert set(seen) == {2.0} and torch.isfinite(out).all()
+    from harmonizing_attention.nodes import appearance
+
+    app = appearance.invert(model, vae, at_2, _scene().target, _scene().source, 2, 1.0, 1, 1)
+    assert app.guidance == 2.0
+    with pytest.raises(ValueError, match="guidance 5.0 but the images were inverted at 2.0"):
+        appearance.generate(model, node_helpers.conditioning_set_values(cond, {"guidance": 5.0}), cond, app, 1.0,
+                            appearance.CrossImageSchedule(steps=2), 1.0, False)
     at_5 = node_helpers.conditioning_set_values(cond, {"guidance": 5.0})
     with pytest.raises(ValueError, match="positive conditioning has Flux guidance 5.0 but the images were inverted at 2.0"):
         pipeline.generate(model, at_5, cond, inverted, 1.0, "geometry_preserving")
@@ -393,3 +400,18 @@ def test_shipped_dit_workflows_run_with_tiny_models(dits, name):
     out = harness.run_prompt(prompt)
     decoded = out["11"][0]
     assert decoded.shape == (1, 64, 64, 3) and torch.isfinite(decoded).all()
+
+
+def test_families_the_dit_path_cannot_take_are_refused_by_name(dits):
+    """A Flux control model (32 channels: latent + control image) and PixArt (attention bypassing
+    transformer_options) stop at the first node; a 72 px image (an odd 9-cell latent) is refused for a DiT."""
+    from harmonizing_attention.nodes import validate
+    from harmonizing_attention.nodes.patch import UnsupportedModel
+
+    with pytest.raises(UnsupportedModel, match="takes 32 input channels: a Flux control model"):
+        validate.unet(harness.tiny_flux(in_channels=32))
+    with pytest.raises(UnsupportedModel, match="this model is PixArtAlpha .* Flux.1 .* SD3.x"):
+        validate.unet(harness.tiny_pixart())
+    validate.unet(dits["tiny-sd3"][0])
+    with pytest.raises(ValueError, match="multiples of 16 for the VAE and the 2x2 patches of the model"):
+        validate.latent_size("target", torch.zeros(1, 72, 64, 3), validate.pixel_multiple(dits["tiny-flux"][0]))
