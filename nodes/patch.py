@@ -25,7 +25,7 @@ model-agnostic hooks and no class or forward of the model:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -214,7 +214,6 @@ class _Dit:
     plan: RowPlan
     patch: int  # latent pixels per token side (2 for Flux and SD3)
     previous: object = None  # the optimized_attention_override this one chains to
-    grids: dict = field(default_factory=dict)
 
 
 def _call_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
@@ -322,9 +321,11 @@ def apply_dit_plan(model, plan: RowPlan, window: tuple[float, float] = (0.0, 1.0
     """A clone of a diffusion transformer whose joint attention follows `plan` in the blocks whose depth
     i / n (the i-th of its n blocks in call order) lies in [window[0], window[1]); `model` is left untouched.
 
-    Each row keeps its own text tokens and positional encodings (applied by the model before attention);
-    the rules act on the image tokens. Layers reach plan.rules as Layer("output", 1, step): every patched
-    block plays the part of a UNet decoder layer at the latent's resolution."""
+    In the joint attention a whole ref is the referenced row's whole sequence (text and image), a region ref
+    its image tokens inside the region, and a row whose rule leaves itself out keeps its own text (kv._joint);
+    positional encodings stay as the model applied them before attention. Layers reach plan.rules as
+    Layer("output", 1, step): every patched block plays the part of a UNet decoder layer at the latent's
+    resolution."""
     start, end = window
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"the DiT block window is {start}-{end}: use fractions of the depth, 0 <= start <= end <= 1")
