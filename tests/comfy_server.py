@@ -117,6 +117,20 @@ def shipped_checkpoints() -> dict[str, Path | None]:
 
 
 SEPARATE_LOADERS = {"UNETLoader": 0, "DualCLIPLoader": 1, "VAELoader": 2}  # -> HATest_TinyCheckpoint's output
+# the model folder of each file input of those loaders
+LOADER_FILES = {"unet_name": "diffusion_models", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
+                "vae_name": "vae"}
+
+
+def shipped_model_files() -> set[tuple[str, str]]:
+    """(models/ folder, file name) of every file the shipped workflows' UNETLoader / CLIP / VAE loaders name: the
+    test server lists them as empty placeholders (the app marks a loader whose file is missing)."""
+    files = set()
+    for path in (PACK_ROOT / "workflows").glob("api/*.json"):
+        for node in json.loads(path.read_text()).values():
+            if node["class_type"] in SEPARATE_LOADERS:
+                files |= {(LOADER_FILES[k], v) for k, v in node["inputs"].items() if k in LOADER_FILES}
+    return files
 
 
 def runnable(base: Path, prompt: dict) -> bool:
@@ -228,6 +242,9 @@ class ComfyServer:
                 target.touch()  # listed, never loaded
             elif not target.exists():
                 target.symlink_to(path)
+        for folder, name in shipped_model_files():  # listed, never loaded (the tests swap those loaders)
+            (self.base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            (self.base / "models" / folder / name).touch()
         small_examples(self.base / "input", image_size)
         settings = self.base / "user" / "default" / "comfy.settings.json"
         if not settings.exists():  # the frontend as a returning user sees it: no template browser, no minimap
