@@ -88,7 +88,7 @@ def guidance_of(model, conditioning) -> Optional[float]:
     values = {extra.get("guidance", 3.5) for _, extra in conditioning}
     values = {None if v is None else float(v) for v in values}
     if len(values) > 1:
-        raise ValueError(f"the conditioning carries several Flux guidance values {sorted(values)}: give it one "
+        raise ValueError(f"the conditioning carries several Flux guidance values {sorted(values, key=str)}: give it one "
                          "(a single FluxGuidance node)")
     return values.pop() if values else None
 
