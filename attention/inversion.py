@@ -5,6 +5,11 @@ denoised prediction x0_hat whatever the model's parameterisation, so eps_hat = (
 a deterministic DDIM step (eta = 0) from s to s' is x' = x0_hat + s' * eps_hat, i.e. Euler on the
 probability-flow ODE in sigma.
 
+Rectified-flow models (ComfyUI's CONST sampling: Flux, SD3) need no other step. There x_s = (1 - s) x0 + s n
+and ComfyUI's denoise still returns x0_hat = x - s * v_hat (v = n - x0, the predicted velocity), so
+eps_hat = (x - x0_hat) / s = v_hat and the same step x' = x + (s' - s) * v_hat is Euler on the flow ODE
+dx/ds = v; ReNoise's iterations are then the fixed point of the implicit (backward Euler) flow step.
+
 ``denoise`` is always called with ``x`` in the dtype of the input latent and ``sigma`` as a 1-D tensor of
 shape [B] (B = x.shape[0], every row the same value; the same layout as ComfyUI's ``sigma * s_in``), on
 x's device, in float32 (float64 if x is float64).

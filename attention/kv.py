@@ -132,6 +132,24 @@ def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optio
     return parts
 
 
+def _joint(row: int, parts: list, image: tuple[int, int], n: int, device) -> list:
+    """Parts of a joint-attention row (text and image tokens in one sequence).
+
+    A whole ref is the whole row, text included, so [geo; tar] with tar == geo duplicates every key and is
+    plain attention again, as in a UNet. A region ref names image tokens (region indices count image tokens,
+    so they shift by the image span's start). A rule without the row's own whole ref still keeps its own
+    non-image tokens (its text)."""
+    start, stop = image
+    out = [] if (row, None) in parts else [(row, torch.cat([torch.arange(0, start, device=device),
+                                                             torch.arange(stop, n, device=device)]))]
+    return out + [(r, None if index is None else index.to(device) + start) for r, index in parts]
+
+
+def effective(refs: Sequence[Refs], regions: Optional[Mapping[int, torch.Tensor]] = None) -> bool:
+    """Whether any row's rule differs from plain self-attention (else shared_attention is the kernel itself)."""
+    return any(_resolve(r, refs[r], regions or {}) is not None for r in range(len(refs)))
+
+
 def _gather(t: torch.Tensor, parts: list) -> torch.Tensor:
     return torch.cat([t[row] if index is None else t[row, index] for row, index in parts], dim=0)
 
@@ -146,6 +164,7 @@ def shared_attention(
     ref_kernel: Optional[Kernel] = None,
     base: Optional[torch.Tensor] = None,
     report: Optional[Callable[[int, list[tuple[int, float]]], None]] = None,
+    image: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Attention where row r's keys/values are those named by refs[r].
 
@@ -156,12 +175,20 @@ def shared_attention(
     effective rule, the result is exactly kernel(q, k, v) (or `base`). Refs with a `balance` add
     log(w) to their keys' logits (see Balance); `report(row, [(keys, w) per group])` is told the
     weights of every row that got a bias.
+
+    `image` = (start, stop): joint attention (a DiT's text and image tokens in one sequence): region
+    masks index the image tokens [start, stop), a whole ref is the whole row, and each row with a rule
+    keeps its own other tokens (see _joint). Only dims 0 (rows) and 1 (tokens) are indexed, so
+    q, k, v may also be [R, N, heads, dim_head].
     """
     if len(refs) != q.shape[0]:
         raise ValueError(f"{len(refs)} attention rules for a batch of {q.shape[0]} rows")
     resolved = [_resolve(r, refs[r], regions or {}) for r in range(q.shape[0])]
     if all(parts is None for parts in resolved):
         return kernel(q, k, v) if base is None else base
+    if image is not None:
+        resolved = [None if parts is None else _joint(r, parts, image, k.shape[1], k.device)
+                    for r, parts in enumerate(resolved)]
 
     ref_kernel = ref_kernel or kernel
     plain = [r for r, parts in enumerate(resolved) if parts is None]
@@ -177,7 +204,8 @@ def shared_attention(
         if parts is not None:
             length = sum(k.shape[1] if index is None else index.numel() for _, index in parts)
             groups.setdefault(length, []).append(r)
-    weights = [_weights(refs[r], parts, k.shape[1]) for r, parts in enumerate(resolved)]
+    n_image = None if image is None else image[1] - image[0]
+    weights = [_weights(refs[r], parts, k.shape[1], n_image) for r, parts in enumerate(resolved)]
     for rows in groups.values():
         k_cat = torch.stack([_gather(k, resolved[r]) for r in rows])  # [len(rows), keys, C]
         v_cat = torch.stack([_gather(v, resolved[r]) for r in rows])

@@ -12,7 +12,10 @@ keys), so the table also gives the FLOP ratio of an ideal implementation of the 
 (`ideal`: model FLOPs with the longer key sets / plain model FLOPs) and time ratio / ideal
 (`vs ideal`): what the gather/concat/extra kernel calls cost beyond the arithmetic.
 
-    python bench/attention_overhead.py [--quick] [--cpu] [--models tiny,sd15] [--sizes 32,64,96]
+On a diffusion transformer (--models flux-tiny, flux, sd35m) every block is a joint attention over text and
+image tokens; each row keeps its text, so the ideal counts the text keys too (see dit_ideal_ratio).
+
+    python bench/attention_overhead.py [--quick] [--cpu] [--models tiny,sd15,flux,sd35m] [--sizes 32,64,96]
 """
 from __future__ import annotations
 
@@ -120,13 +123,39 @@ def ideal_ratio(plan, layers, size: int, rows: int, other: float) -> float:
     return (other + patched) / (other + plain)
 
 
+def dit_ideal_ratio(plan, patcher, forward, size: int, rows: int, other: float) -> float:
+    """ideal_ratio of a diffusion transformer: every joint-attention block has L = text + image tokens (image: the
+    latent patchified 2x2) of width `inner`; each row attends to its rule's keys (kv._joint's parts)."""
+    import torch
+    from harmonizing_attention.attention.kv import _joint, _resolve
+    from harmonizing_attention.attention.roles import Layer
+    from harmonizing_attention.nodes.patch import dit_blocks
+
+    inner = patcher.model.diffusion_model.hidden_size
+    h = w = -(-size // 2)
+    n, text = h * w, forward.context.shape[1]
+    tokens = text + n
+    rules = plan.rules(Layer(stage="output", downscale=1))
+    regions = plan.region_tokens(h, w)
+    keys = 0
+    for r in range(rows):
+        parts = _resolve(r, rules[r], regions)
+        if parts is not None:
+            parts = _joint(r, parts, (text, text + n), tokens, torch.device("cpu"))
+        keys += tokens if parts is None else sum(tokens if idx is None else idx.numel() for _, idx in parts)
+    blocks = len(dit_blocks(patcher))
+    plain = blocks * 4.0 * tokens * tokens * inner * rows
+    patched = blocks * 4.0 * tokens * keys * inner
+    return (other + patched) / (other + plain)
+
+
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", default=None, help="latent sizes, comma-separated (default 32,64,96; --quick: 32)")
     p.add_argument("--modes", default=",".join(MODES))
     args = p.parse_args(argv)
     device = common.start(args.cpu, args.threads)
-    from harmonizing_attention.nodes.patch import apply_plan
+    from harmonizing_attention.nodes.patch import apply_plan, is_dit
 
     sizes = [int(s) for s in (args.sizes or ("32" if args.quick else "32,64,96")).split(",")]
     repeats = args.repeats or (3 if args.quick else 7)
@@ -141,10 +170,12 @@ def main(argv=None) -> int:
                 plan = plan_for(mode, size)
                 patched_model = apply_plan(plain_model, plan)
                 forward = common.Forward(plain_model, plan.rows, size, device)
-                layers = attention_layers(plain_model, forward)
                 if other is None:  # non-attention FLOPs scale with the batch: count one row once
                     other = other_flops(plain_model, common.Forward(plain_model, 1, size, device))
-                ideal = ideal_ratio(plan, layers, size, plan.rows, other * plan.rows)
+                if is_dit(plain_model):
+                    ideal = dit_ideal_ratio(plan, plain_model, forward, size, plan.rows, other * plan.rows)
+                else:
+                    ideal = ideal_ratio(plan, attention_layers(plain_model, forward), size, plan.rows, other * plan.rows)
                 times = common.interleaved({"plain": lambda f=forward, m=plain_model: f(m),
                                             "patched": lambda f=forward, m=patched_model: f(m)}, repeats, device)
                 r = common.ratios(times["patched"], times["plain"])

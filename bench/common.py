@@ -23,11 +23,27 @@ SD15_UNET = {
 }
 
 
+# Flux.1 and SD3.5 Medium at full width (tokens, heads, head size, text length as in the real models), depth
+# reduced to a few blocks of each kind: the patched / plain ratio and the memory growth are per block
+FLUX_WIDTH = {
+    "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
+    "mlp_ratio": 4.0, "num_heads": 24, "depth": 2, "depth_single_blocks": 4, "axes_dim": [16, 56, 56], "theta": 10000,
+    "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+SD35M_WIDTH = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 24, "num_blocks": 4, "input_size": None,
+    "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "num_patches": 384 * 384, "pos_embed_max_size": 384,
+    "qk_norm": "rms", "x_block_self_attn_layers": [],
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
+}
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (under a minute on a CPU)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    p.add_argument("--models", default=None, help="comma-separated: tiny, sd15 (default: both; --quick: tiny)")
+    p.add_argument("--models", default=None, help="comma-separated: tiny, sd15, flux-tiny, flux, sd35m "
+                                                   "(default: tiny, sd15; --quick: tiny)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared machine, OpenMP teams of several threads "
@@ -62,12 +78,44 @@ def build_model(name: str, device, seed: int = 0):
     import torch
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if name in ("flux-tiny", "flux", "sd35m"):
+        return build_dit(name, dtype, seed)
     overrides = {"dtype": dtype}
     if name == "sd15":
         overrides.update(SD15_UNET)
     elif name != "tiny":
         raise ValueError(f"model {name!r}: choose tiny or sd15")
     return harness.tiny_model(in_channels=9, seed=seed, **overrides)
+
+
+def build_dit(name: str, dtype, seed: int = 0):
+    """'flux-tiny' (tests/harness.py's), 'flux' (FLUX_WIDTH) or 'sd35m' (SD35M_WIDTH), random weights, through
+    ComfyUI's supported_models classes."""
+    import comfy.supported_models
+    import harness
+    import torch
+
+    if name == "flux-tiny":
+        return harness.tiny_flux(seed=seed, guidance_embed=True, depth=2, single=2)
+    if name == "flux":
+        import dataclasses
+
+        import comfy.ldm.flux.model
+
+        config = {"image_model": "flux", **FLUX_WIDTH}
+        fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+        if "txt_ids_dims" in fields:
+            config["txt_ids_dims"] = []
+        model_config = comfy.supported_models.Flux(config)
+    else:
+        model_config = comfy.supported_models.SD3(dict(SD35M_WIDTH))
+    model_config.set_inference_dtype(dtype, None)
+    patcher = harness._patcher(model_config, {}, seed)
+    pos = getattr(patcher.model.diffusion_model, "pos_embed", None)
+    if pos is not None:
+        with torch.no_grad():
+            pos.normal_(0, 0.1)
+    return patcher
 
 
 def models_arg(args) -> list[str]:
@@ -96,14 +144,26 @@ class Forward:
         gen = torch.Generator().manual_seed(seed)
         self.device = device
         self.model = model
-        context_dim = model.model_config.unet_config["context_dim"]
-        in_channels = model.model_config.unet_config["in_channels"]
-        self.x = torch.randn(rows, 4, size, size, generator=gen).to(device)
+        config = model.model_config.unet_config
+        latent = model.latent_format.latent_channels
+        self.extra = {}
+        if "context_dim" in config:  # a UNet
+            context = (77, config["context_dim"])
+        else:  # Flux or SD3: text tokens of the real model, pooled vector, Flux's guidance
+            sigma = min(sigma, 0.9)
+            text = 77 if config.get("hidden_size") == 64 else (512 if "vec_in_dim" in config else 333)
+            context = (text, config.get("context_in_dim") or config["context_embedder_config"]["params"]["in_features"])
+            pooled = config.get("vec_in_dim") or config["adm_in_channels"]
+            self.extra["y"] = torch.randn(rows, pooled, generator=gen).to(device)
+            if config.get("guidance_embed"):
+                self.extra["guidance"] = torch.full((rows,), 3.5, device=device)
+        in_channels = config["in_channels"]
+        self.x = torch.randn(rows, latent, size, size, generator=gen).to(device)
         self.sigma = torch.full((rows,), sigma, device=device)
-        self.context = torch.randn(rows, 77, context_dim, generator=gen).to(device)
+        self.context = torch.randn(rows, *context, generator=gen).to(device)
         self.concat = None  # inpainting models: [mask, masked image] latents
-        if in_channels > 4:
-            self.concat = torch.randn(rows, in_channels - 4, size, size, generator=gen).to(device)
+        if in_channels > latent:
+            self.concat = torch.randn(rows, in_channels - latent, size, size, generator=gen).to(device)
 
     def __call__(self, patcher):
         import torch
@@ -112,7 +172,7 @@ class Forward:
         options.update(cond_or_uncond=[0], sigmas=self.sigma)
         with torch.inference_mode():
             return self.model.apply_model(self.x, self.sigma, c_concat=self.concat, c_crossattn=self.context,
-                                          transformer_options=options)
+                                          transformer_options=options, **self.extra)
 
 
 def timed(fn, device) -> float:

@@ -26,10 +26,14 @@ from ..attention.appearance import (
 from ..attention.roles import RowPlan
 from ..attention.tokens import latent_mask
 from . import pipeline, renoise, validate
+from .geometry import check_dit_window, dit_window_inputs
 from .patch import schedule_position
 from .patch import apply_plan, is_inpainting
 
 CATEGORY = "harmonizing_attention/appearance_transfer"
+# On a diffusion transformer, cross-image attention acts in the later half of the blocks, the counterpart
+# of the UNet decoder layers it uses; those blocks follow the full_res step window.
+DIT_WINDOW = (0.5, 1.0)
 AppearanceInvertedType = io.Custom("HA_APPEARANCE_INVERTED")
 
 
@@ -50,6 +54,7 @@ class AppearanceInverted:
     image_size: tuple[int, int]  # (H, W) of the structure and appearance images
     inpaint_latents: torch.Tensor | None = None  # [3P, C, h, w]
     inpaint_masks: torch.Tensor | None = None  # [3P, H, W]
+    guidance: float | None = None  # a guidance-distilled model's (Flux dev) guidance input of the inversion
 
     @property
     def layout(self) -> AppearanceLayout:
@@ -92,7 +97,7 @@ def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.
         z_t = torch.cat([z_t, z_t[p:]])
     return AppearanceInverted(latents=z_t, sigmas=sigmas, model_family=pipeline.model_family(model),
                               image_size=tuple(structure.shape[1:3]), inpaint_latents=inpaint_latents,
-                              inpaint_masks=inpaint_masks)
+                              inpaint_masks=inpaint_masks, guidance=pipeline.guidance_of(model, conditioning))
 
 
 class CrossImageGuider(comfy.samplers.CFGGuider):
@@ -134,16 +139,18 @@ def _latent_masks(mask: torch.Tensor | None, pairs: int, h: int, w: int) -> torc
 
 def generate(model, positive, negative, inverted: AppearanceInverted, cfg: float, schedule: CrossImageSchedule,
              contrast: float, contrast_clip: bool, output_mask: torch.Tensor | None = None,
-             appearance_mask: torch.Tensor | None = None):
+             appearance_mask: torch.Tensor | None = None, dit_window: tuple[float, float] = DIT_WINDOW):
     """Denoise [app, struct, out] with cross-image attention, appearance guidance and AdaIN.
     Returns latents (outputs, appearance reconstructions, structure reconstructions)."""
     layout = inverted.layout
     p = layout.pairs
+    positive = pipeline.same_guidance(model, positive, "positive", inverted.guidance)
+    negative = pipeline.same_guidance(model, negative, "negative", inverted.guidance, strict=False)
     positive = pipeline.with_inpaint(positive, inverted.inpaint_latents, inverted.inpaint_masks)
     negative = pipeline.with_inpaint(negative, inverted.inpaint_latents, inverted.inpaint_masks)
     rules = CrossImageRules(layout, schedule)
     patched = apply_plan(model, RowPlan(layout.rows, rules, needs_step=True, contrast=contrast,
-                                        contrast_clip=contrast_clip))
+                                        contrast_clip=contrast_clip), dit_window)
     h, w = inverted.latents.shape[-2:]
     out_masks = _latent_masks(output_mask, p, h, w)
     app_masks = _latent_masks(appearance_mask, p, h, w)
@@ -178,7 +185,7 @@ class AppearanceInversion(io.ComfyNode):
                         "inversion does not need). The output of HA_CrossImageSampler starts from the structure's "
                         "latent.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet; the paper uses SD1.5."),
+                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet (the paper uses SD1.5), Flux.1 or SD3.x."),
                 io.Vae.Input("vae"),
                 io.Conditioning.Input("conditioning",
                                       tooltip="The inversion prompt, straight from CLIPTextEncode (paper: "
@@ -215,7 +222,7 @@ class AppearanceInversion(io.ComfyNode):
                            "both are denoised in one batch: scale the appearance image to the structure's size "
                            "(ImageScale)")
         validate.batches("structure", structure.shape[0], "appearance", appearance.shape[0])
-        validate.latent_size("structure", structure)
+        validate.latent_size("structure", structure, validate.pixel_multiple(model))
         renoise.check(renoise_iterations, renoise_average)
         return io.NodeOutput(invert(model, vae, conditioning, structure, appearance, steps, denoise,
                                     renoise_iterations, renoise_average))
@@ -281,6 +288,7 @@ class CrossImageSampler(io.ComfyNode):
                 io.Mask.Input("appearance_mask", optional=True,
                               tooltip="The object in the appearance image (same size): AdaIN then takes the "
                                       "appearance statistics inside it only."),
+                *dit_window_inputs(*DIT_WINDOW, what="cross-image attention (with the full_res step window)"),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",
@@ -313,7 +321,7 @@ class CrossImageSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, inverted: AppearanceInverted, cfg, contrast, contrast_clip,
                 appearance_guidance, guidance_decay, full_res_start, full_res_end, half_res_start, half_res_end,
                 adain_start, adain_end, injection_period, injection_until, output_mask=None,
-                appearance_mask=None) -> io.NodeOutput:
+                appearance_mask=None, dit_block_start=DIT_WINDOW[0], dit_block_end=DIT_WINDOW[1]) -> io.NodeOutput:
         validate.unet(model)
         validate.conditioning_width(model, positive, "positive")
         validate.conditioning_width(model, negative, "negative")
@@ -347,8 +355,9 @@ class CrossImageSampler(io.ComfyNode):
             if empty:  # the mask rule keeps a cell for any non-empty mask: these rows are all zero
                 raise ValueError(f"{name} is empty (all zero) in batch row(s) {empty}: draw the region or leave "
                                  "the input unconnected")
+        check_dit_window(dit_block_start, dit_block_end)
         out, app, struct = generate(model, positive, negative, inverted, cfg, schedule, contrast, contrast_clip,
-                                    output_mask, appearance_mask)
+                                    output_mask, appearance_mask, (dit_block_start, dit_block_end))
         return io.NodeOutput({"samples": out}, {"samples": app}, {"samples": struct})
 
 

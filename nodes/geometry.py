@@ -45,6 +45,8 @@ def _ui_text(notes: list[str], stage: str, balance_lines: list[str]):
     if balance_lines:
         sections.append(f"{stage} balance per layer (keys, weight, share at equal logits):\n" + "\n".join(balance_lines))
     return ui.PreviewText("\n\n".join(sections)) if sections else None
+
+
 SMALL_REGION_CELLS = 4.0  # a region with less area than this many latent cells is "small"
 
 
@@ -69,6 +71,25 @@ def region_notes(scene: Scene, cell: int) -> list[str]:
                 f"HA_GeometryImageEdit) or dilate the mask (GrowMask) to at least {cell} px wide."
             )
     return notes
+
+
+def dit_window_inputs(start: float = 0.0, end: float = 1.0, what: str = "the rule") -> list:
+    """Optional inputs naming the blocks of a diffusion transformer that are patched; a UNet ignores them."""
+    return [
+        io.Float.Input("dit_block_start", default=start, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip=f"Diffusion transformers (Flux, SD3) only: {what} acts in the blocks from this fraction "
+                               "of the depth (blocks in call order: Flux's double-stream blocks, then its single-stream "
+                               "ones; the i-th of n sits at i / n). UNets ignore it."),
+        io.Float.Input("dit_block_end", default=end, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip="... until this fraction, exclusive (1: to the last block)."),
+    ]
+
+
+def check_dit_window(dit_block_start, dit_block_end) -> None:
+    """In execute, before any work (ComfyUI checks each value's range itself)."""
+    if dit_block_start > dit_block_end:
+        raise ValueError(f"dit_block_start is {dit_block_start} but dit_block_end is {dit_block_end}: the window "
+                         "starts after it ends; swap them")
 
 
 class GeometryImageEdit(io.ComfyNode):
@@ -194,7 +215,8 @@ class TextureAligningInversion(io.ComfyNode):
                         "The geometry rows use Texture-aligning Attention (eq. 3): their queries also attend "
                         "to the target's keys and values, pulling the patch into the target's texture.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet; the paper uses SD1.5 inpainting."),
+                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet (the paper uses SD1.5 inpainting), Flux.1 "
+                                                "(dev, schnell, Fill) or SD3.x."),
                 io.Vae.Input("vae"),
                 io.Conditioning.Input("conditioning",
                                       tooltip="The prompt's conditioning (paper: empty prompt), straight from "
@@ -208,6 +230,7 @@ class TextureAligningInversion(io.ComfyNode):
                 *balance_inputs("target's keys (texture)",
                                 "the reference here is the whole target, whose share (1/2 at equal logits) never "
                                 "depends on the region's size, so auto is w = balance_weight (1: the paper)."),
+                *dit_window_inputs(what="Texture-aligning Attention"),
             ],
             outputs=[InvertedType.Output(display_name="inverted", tooltip="Inverted latents with their schedule and masks.")],
         )
@@ -218,21 +241,22 @@ class TextureAligningInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, conditioning, scene: Scene, steps, renoise_iterations, renoise_average,
-                attention, balance="paper", balance_weight=1.0) -> io.NodeOutput:
+                attention, balance="paper", balance_weight=1.0, dit_block_start=0.0, dit_block_end=1.0) -> io.NodeOutput:
         validate.unet(model)
         validate.conditioning_width(model, conditioning, "the conditioning")
         validate.inpaint_conditioning_free(conditioning, "HA_TextureAligningInversion")
         validate.same_size("source", scene.source, "target", scene.target,
                            "source and target are inverted in one batch: scale the source to the target's size "
                            "(ImageScale) before HA_GeometryImageEdit")
-        validate.latent_size("target", scene.target)
+        validate.latent_size("target", scene.target, validate.pixel_multiple(model))
         renoise.check(renoise_iterations, renoise_average)
+        check_dit_window(dit_block_start, dit_block_end)
+        weights, report = _balance(balance, balance_weight), []
         notes = region_notes(scene, vae.spacial_compression_encode())
         for note in notes:
             logging.warning("Harmonizing Attention: %s", note)
-        weights, report = _balance(balance, balance_weight), []
         inverted = pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations, renoise_average,
-                                   attention, balance=weights, report=report)
+                                   attention, (dit_block_start, dit_block_end), balance=weights, report=report)
         return io.NodeOutput(inverted, ui=_ui_text(notes, "texture-aligning", report))
 
 
@@ -283,6 +307,7 @@ class GeometryPreservingSampler(io.ComfyNode):
                                 "the image, 29% for 40%: sec. 4.7's limit); auto gives every region, at every layer, "
                                 f"the share the paper gives a region of {AUTO_AREA:.0%} of the image ({AUTO_SHARE} at "
                                 "equal logits), times balance_weight. With several geometries, each source on its own."),
+                *dit_window_inputs(what="Geometry-preserving Attention"),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The composites, one per pair: connect to VAEDecode."),
@@ -293,7 +318,7 @@ class GeometryPreservingSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, inverted: Inverted, cfg, attention, balance="paper",
-                balance_weight=1.0) -> io.NodeOutput:
+                balance_weight=1.0, dit_block_start=0.0, dit_block_end=1.0) -> io.NodeOutput:
         validate.unet(model)
         validate.conditioning_width(model, positive, "positive")
         validate.conditioning_width(model, negative, "negative")
@@ -306,9 +331,10 @@ class GeometryPreservingSampler(io.ComfyNode):
         if family != inverted.model_family:
             raise ValueError(f"the latents were inverted with a {inverted.model_family} model but this sampler has a "
                              f"{family} model: connect the same MODEL to both nodes")
+        check_dit_window(dit_block_start, dit_block_end)
         weights, report = _balance(balance, balance_weight), []
-        out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, balance=weights,
-                                     report=report)
+        out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, (dit_block_start, dit_block_end),
+                                     balance=weights, report=report)
         return io.NodeOutput({"samples": out}, {"samples": src}, ui=_ui_text([], "geometry-preserving", report))
 
 

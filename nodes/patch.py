@@ -10,16 +10,32 @@ Chaining: a replace patch already registered for a block (by another node, under
 attention of the whole batch, and only the rows our plan redirects are recomputed. A patch that
 another node installs for one pass only (PerturbedAttentionGuidance's perturbed pass, under the
 (stage, id) key) takes over that pass, as it intends.
+
+Diffusion transformers (Flux, Flux Fill, SD3.x) take the DiT path (`apply_dit_plan`), through three
+model-agnostic hooks and no class or forward of the model:
+- an APPLY_MODEL wrapper gives each model call a `DitCall` holding the latent's (h, w), from which
+  the patchified token grid follows;
+- a `patches_replace["dit"]` replace on each block in the layer window passes the block its place
+  (`DitBlock`) in a copy of transformer_options, records the block's text length (its "txt" input;
+  Flux's single blocks reuse the double blocks' one), and chains to a replace already there;
+- `transformer_options["optimized_attention_override"]` runs the rule in the joint attention of
+  those blocks (the image tokens of a [text; image; ...] sequence, or a sequence of image tokens
+  alone) and hands every other call to the override already installed, or to ComfyUI's kernel.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+import comfy.model_base
+import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
-from ..attention.kv import Refs, shared_attention
+from ..attention.kv import Refs, effective, shared_attention
 from ..attention.roles import Layer, RowPlan
 
 
@@ -27,15 +43,52 @@ class UnsupportedModel(ValueError):
     pass
 
 
+SUPPORTED = "SD1.x / SD2.x / SDXL UNets (and their inpainting versions), Flux.1 (dev, schnell, Fill) and SD3.x"
+
+
+def _family(model) -> str:
+    return type(getattr(model.model, "model_config", model.model)).__name__  # e.g. SDXL, Flux, SD3
+
+
+def is_dit(model) -> bool:
+    """A diffusion transformer the DiT path supports: Flux.1 (plain or Fill; not its subclasses such as
+    Chroma, whose blocks differ) or SD3.x (MMDiT). Any other model is a UNet or refused."""
+    return type(model.model) in (comfy.model_base.Flux, comfy.model_base.SD3)
+
+
+def dit_blocks(model) -> list[tuple[str, int]]:
+    """ComfyUI's patches_replace["dit"] keys of the model's joint-attention blocks, in call order:
+    Flux ("double_block", i) then ("single_block", i); SD3 ("double_block", i) for its joint blocks."""
+    dit = model.get_model_object("diffusion_model")
+    family = _family(model)
+    config = model.model.model_config.unet_config
+    if isinstance(model.model, comfy.model_base.Flux):
+        channels, out = config.get("in_channels"), config.get("out_channels", 16)
+        if channels not in (out, out * 2 + out * 4):  # plain, or Fill: latent + masked image + 8x8 mask
+            raise UnsupportedModel(
+                f"this {family} model takes {channels} input channels: a Flux control model (Depth / Canny / "
+                "Redux-style image concat) needs its own control image, which the pack does not give. Load Flux.1 "
+                "dev / schnell or Flux.1 Fill.")
+        names = ("double_blocks", "single_blocks")
+    else:
+        names = ("joint_blocks",)
+    keys = []
+    for name, kind in zip(names, ("double_block", "single_block"), strict=False):
+        keys += [(kind, i) for i in range(len(getattr(dit, name, ())))]
+    if not keys:
+        raise UnsupportedModel(f"this {family} model ({type(dit).__name__}) has no joint-attention block to patch")
+    return keys
+
+
 def self_attention_blocks(model) -> list[tuple[str, int, int]]:
     """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them."""
     unet = model.get_model_object("diffusion_model")
-    family = type(getattr(model.model, "model_config", model.model)).__name__  # e.g. SDXL, Flux, SD3
+    family = _family(model)
     if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
         raise UnsupportedModel(
-            f"this model is {family} (a {type(unet).__name__} diffusion model), not a UNet of SpatialTransformers: "
-            "Harmonizing Attention patches the self-attention of SD1.x / SD2.x / SDXL UNets (and their inpainting "
-            "versions). Load one of those checkpoints."
+            f"this model is {family} (a {type(unet).__name__} diffusion model), not a UNet of SpatialTransformers "
+            f"nor a supported diffusion transformer: Harmonizing Attention patches the self-attention of {SUPPORTED}, "
+            "whose attention ComfyUI lets a node take over through its model patches. Load one of those checkpoints."
         )
     keys = []
     for stage, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
@@ -52,6 +105,10 @@ def self_attention_blocks(model) -> list[tuple[str, int, int]]:
 
 
 def is_inpainting(model) -> bool:
+    """SD-style inpainting UNets (mask + masked image concat) and Flux Fill (masked image + packed mask)."""
+    if type(model.model) is comfy.model_base.Flux:
+        config = model.model.model_config.unet_config
+        return config.get("in_channels", 16) > 2 * config.get("out_channels", 16)
     return tuple(getattr(model.model, "concat_keys", ())) == ("mask", "masked_image")
 
 
@@ -112,8 +169,12 @@ def make_replace(plan: RowPlan, previous=None):
     return attn1_replace
 
 
-def apply_plan(model, plan: RowPlan):
-    """A clone of `model` whose self-attention follows `plan`; `model` itself is left untouched."""
+def apply_plan(model, plan: RowPlan, dit_window: tuple[float, float] = (0.0, 1.0)):
+    """A clone of `model` whose self-attention follows `plan`; `model` itself is left untouched.
+    `dit_window`: on a diffusion transformer, the [start, end) fraction of its depth that is patched
+    (see apply_dit_plan); a UNet ignores it."""
+    if is_dit(model):
+        return apply_dit_plan(model, plan, dit_window)
     blocks = self_attention_blocks(model)
     patched = model.clone()
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
@@ -125,4 +186,164 @@ def apply_plan(model, plan: RowPlan):
         elif (stage, block_id) not in done:
             patched.set_model_attn1_replace(make_replace(plan, existing.get((stage, block_id))), stage, block_id)
             done.add((stage, block_id))
+    return patched
+
+
+# ---------------------------------------------------------------- diffusion transformers
+
+CALL_KEY = "harmonizing_attention_call"
+BLOCK_KEY = "harmonizing_attention_block"
+WRAPPER_KEY = "harmonizing_attention"
+
+
+@dataclass
+class DitCall:
+    """One model call: the latent's (h, w) and the text length (the context's, then each block's "txt")."""
+
+    latent_hw: tuple[int, int]
+    txt: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DitBlock:
+    kind: str  # "double_block" (Flux double stream, SD3 joint) or "single_block" (Flux single stream)
+    index: int
+    depth: float  # i / n for the i-th of the model's n blocks in call order
+
+
+@dataclass
+class _Dit:
+    plan: RowPlan
+    patch: int  # latent pixels per token side (2 for Flux and SD3)
+    previous: object = None  # the optimized_attention_override this one chains to
+
+
+def _call_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    # the text length until a block reports its own (SD3 may prepend register tokens to the context)
+    txt = c_crossattn.shape[1] if c_crossattn is not None else None
+    options = {**transformer_options, CALL_KEY: DitCall(tuple(int(v) for v in x.shape[-2:]), txt)}
+    return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+def _block_replace(block: DitBlock, previous):
+    def replace(args, extra):
+        options = dict(args.get("transformer_options") or {})
+        call = options.get(CALL_KEY)
+        if call is not None and args.get("txt") is not None:
+            call.txt = args["txt"].shape[1]
+        options[BLOCK_KEY] = block
+        args = {**args, "transformer_options": options}
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    return replace
+
+
+def _split(dit: _Dit, call: DitCall, tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(image span in the sequence, token grid (h, w)): the latent patchified p x p (padded up) gives
+    h * w image tokens, after the block's text ([text; image; other]) or alone (image-only attention)."""
+    h, w = (math.ceil(v / dit.patch) for v in call.latent_hw)
+    n = h * w
+    if tokens == n:
+        return (0, n), (h, w)
+    txt = call.txt
+    if txt is None or txt + n > tokens:
+        raise RuntimeError(
+            f"Harmonizing Attention could not find the {h}x{w} image tokens of a {call.latent_hw[1]}x{call.latent_hw[0]} "
+            f"latent in a joint attention of {tokens} tokens (text: {txt}): this model lays out its tokens in a way "
+            "the pack does not know. Use Flux.1 / Flux.1 Fill / SD3.x without extra token inputs.")
+    return (txt, txt + n), (h, w)
+
+
+def _override(dit: _Dit):
+    plan = dit.plan
+
+    def override(func, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        block, call = options.get(BLOCK_KEY), options.get(CALL_KEY)
+
+        def host(*a, **kw):
+            return dit.previous(func, *a, **kw) if dit.previous is not None else func(*a, **kw)
+
+        if block is None or call is None:
+            return host(*args, **kwargs)
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        rest = {key: val for key, val in kwargs.items() if key != "heads"}
+        # [B, heads, N, d] (Flux: skip_reshape) or [B, N, heads * d] (SD3; its v comes as [B, N, heads, d]),
+        # as [B, N, heads, d] views
+        if rest.get("skip_reshape", False):
+            q4, k4, v4 = (t.transpose(1, 2) for t in (q, k, v))
+        else:
+            q4, k4, v4 = (t.reshape(t.shape[0], t.shape[1], heads, -1) for t in (q, k, v))
+        batch, tokens = q4.shape[:2]
+        chunks = len(options.get("cond_or_uncond", [0]))
+        rows, left = divmod(batch, chunks)
+        if left or rows != plan.rows:
+            raise RuntimeError(
+                f"Harmonizing Attention expected {plan.rows} latent rows per conditioning chunk, got a joint attention "
+                f"batch of {batch} rows in {chunks} chunk(s). A node between ours and the sampler changed the batch "
+                "(e.g. a batch split or repeat): sample with the pack's own nodes.")
+        image, (h, w) = _split(dit, call, tokens)
+        layer = Layer(stage="output", downscale=1,
+                      step=schedule_position(options) if plan.needs_step else None)
+        rules = list(plan.rules(layer))
+        rules = [_shift(rules[j], c * rows) for c in range(chunks) for j in range(rows)]
+        tokens_of = plan.region_tokens(h, w, q.device)
+        regions = {c * rows + j: t for c in range(chunks) for j, t in tokens_of.items()}
+        if not effective(rules, regions):
+            return host(*args, **kwargs)
+        if rest.get("mask") is not None:
+            raise RuntimeError("Harmonizing Attention cannot combine its rules with an attention mask in the "
+                               "conditioning (e.g. from a regional prompt): remove the mask")
+        out_4d = rest.pop("skip_output_reshape", False)
+        rest["skip_reshape"] = True
+
+        def kernel(q_, k_, v_, **mask):  # [b, N, heads, d] -> [b, N, heads, d]; mask: only a balance's bias
+            out = func(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), heads, **{**rest, **mask})
+            return out.unflatten(-1, (heads, -1))
+
+        ref_kernel = plan.ref_kernel(heads)
+        if ref_kernel is not None:
+            contrast = ref_kernel
+
+            def ref_kernel(q_, k_, v_):
+                return contrast(q_.flatten(2), k_.flatten(2), v_.flatten(2)).unflatten(-1, (heads, -1))
+
+        base = None
+        if dit.previous is not None:
+            base = dit.previous(func, *args, **kwargs)
+            base = base.transpose(1, 2) if out_4d else base.unflatten(-1, (heads, -1))
+        out = shared_attention(q4, k4, v4, rules, kernel, regions, ref_kernel=ref_kernel, base=base, image=image,
+                               report=plan.balance_recorder(layer, h, w))
+        return out.transpose(1, 2) if out_4d else out.flatten(2)
+
+    return override
+
+
+def apply_dit_plan(model, plan: RowPlan, window: tuple[float, float] = (0.0, 1.0)):
+    """A clone of a diffusion transformer whose joint attention follows `plan` in the blocks whose depth
+    i / n (the i-th of its n blocks in call order) lies in [window[0], window[1]); `model` is left untouched.
+
+    In the joint attention a whole ref is the referenced row's whole sequence (text and image), a region ref
+    its image tokens inside the region, and a row whose rule leaves itself out keeps its own text (kv._joint);
+    positional encodings stay as the model applied them before attention. Layers reach plan.rules as
+    Layer("output", 1, step): every patched block plays the part of a UNet decoder layer at the latent's
+    resolution."""
+    start, end = window
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"the DiT block window is {start}-{end}: use fractions of the depth, 0 <= start <= end <= 1")
+    keys = dit_blocks(model)
+    patched = model.clone()
+    to = patched.model_options["transformer_options"]
+    dit = _Dit(plan, int(getattr(model.get_model_object("diffusion_model"), "patch_size", 2)),
+               previous=to.get("optimized_attention_override"))
+    existing = to.get("patches_replace", {}).get("dit", {})
+    for i, key in enumerate(keys):
+        depth = i / len(keys)
+        if start <= depth < end:
+            patched.set_model_patch_replace(_block_replace(DitBlock(key[0], key[1], depth), existing.get(key)),
+                                            "dit", *key)
+    comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+                                                 _call_wrapper, patched.model_options, is_model_options=True)
+    patched.model_options["transformer_options"]["optimized_attention_override"] = _override(dit)
     return patched

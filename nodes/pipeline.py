@@ -24,6 +24,7 @@ from ..attention.tokens import blend, latent_mask
 from .patch import apply_plan, is_inpainting
 
 SCHEDULER = "ddim_uniform"  # DDIM's timesteps; the sampler below is DDIM itself (eta = 0)
+FLOW_SCHEDULER = "simple"  # rectified-flow models (Flux, SD3): their own shifted sigmas, evenly in time
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Inverted:
     inpaint_latents: Optional[torch.Tensor]  # [S + 2P, C, h, w] masked images, for inpainting models
     blended: Optional[torch.Tensor] = None  # [P, C, h, w]
     blend_mask: Optional[torch.Tensor] = None  # [P, 1, h, w]
+    guidance: Optional[float] = None  # a guidance-distilled model's (Flux dev) guidance input of the inversion
 
     @property
     def layout(self) -> PairLayout:
@@ -117,9 +119,45 @@ def model_family(model) -> str:
     return f"{type(inner).__name__}/{type(inner.latent_format).__name__}/{'inpaint' if is_inpainting(model) else 'plain'}"
 
 
+def is_flow(model) -> bool:
+    """A rectified-flow model (ComfyUI's CONST sampling: x_s = (1 - s) x0 + s noise, s in [0, 1])."""
+    import comfy.model_sampling
+
+    return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+
+
 def schedule(model, steps: int) -> torch.Tensor:
-    """The descending DDIM schedule (sigmas, last one 0) of `steps` steps for this model."""
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), SCHEDULER, steps).cpu()
+    """The descending schedule (sigmas, last one 0) of `steps` steps for this model: DDIM's timesteps, or
+    for a flow model its own (shifted) sigmas evenly in time, from 1 (pure noise) to 0."""
+    scheduler = FLOW_SCHEDULER if is_flow(model) else SCHEDULER
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+
+
+def guidance_of(model, conditioning) -> Optional[float]:
+    """The guidance input a guidance-distilled model (Flux dev / Fill) gets from `conditioning` (FluxGuidance
+    sets it; ComfyUI's default is 3.5), or None for models without one."""
+    if not model.model.model_config.unet_config.get("guidance_embed", False):
+        return None
+    values = {extra.get("guidance", 3.5) for _, extra in conditioning}
+    values = {None if v is None else float(v) for v in values}
+    if len(values) > 1:
+        raise ValueError(f"the conditioning carries several Flux guidance values {sorted(values, key=str)}: give it one "
+                         "(a single FluxGuidance node)")
+    return values.pop() if values else None
+
+
+def same_guidance(model, conditioning, name: str, inverted_at: Optional[float], strict: bool = True):
+    """`conditioning` at the inversion's guidance: inverting and sampling a guidance-distilled model at different
+    guidance leaves the inverted noise off the sampler's trajectory. With `strict`, an explicit different value
+    is an error (the negative prompt's is simply set)."""
+    if inverted_at is None:
+        return conditioning
+    for _, extra in conditioning:
+        if strict and extra.get("guidance") is not None and float(extra["guidance"]) != inverted_at:
+            raise ValueError(f"the {name} conditioning has Flux guidance {float(extra['guidance'])} but the images "
+                             f"were inverted at {inverted_at}: invert and sample at the same guidance (connect the "
+                             "same FluxGuidance value to both nodes)")
+    return node_helpers.conditioning_set_values(conditioning, {"guidance": inverted_at})
 
 
 def _row_masks(scene: Scene, rows: str) -> torch.Tensor:
@@ -152,8 +190,28 @@ def masked_image_latents(vae, images: torch.Tensor, masks: torch.Tensor) -> torc
     return vae.encode((images[..., :3] - 0.5) * keep + 0.5)
 
 
+class _FromLatent(comfy.samplers.KSAMPLER):
+    """A KSAMPLER that starts from the latent exactly as given and returns its result as is: ComfyUI's noise
+    scaling with zero noise is the identity for EPS / V models, but a flow model's scales the latent by
+    (1 - sigma_0) (0 at sigma 1) and its inverse divides by (1 - sigma_last) (0 when inverting up to 1)."""
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image, model_k.noise = latent_image, noise
+        total = len(sigmas) - 1
+
+        def k_callback(x):
+            if callback is not None:
+                callback(x["i"], x["denoised"], x["x"], total)
+
+        return self.sampler_function(model_k, latent_image, sigmas, extra_args=extra_args, callback=k_callback,
+                                     disable=disable_pbar)
+
+
 def _sampler(loop):
-    """A ComfyUI KSAMPLER running `loop(denoise, x, sigmas, callback)`; checks interrupt per model call."""
+    """A ComfyUI sampler running `loop(denoise, x, sigmas, callback)`; checks interrupt per model call."""
 
     def sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
@@ -169,7 +227,7 @@ def _sampler(loop):
 
         return loop(denoise, x, sigmas, step_done)
 
-    return comfy.samplers.KSAMPLER(sampler_function)
+    return _FromLatent(sampler_function)
 
 
 def run_sampler(model, loop, latents, sigmas, positive, negative, cfg, guider=None):
@@ -185,7 +243,8 @@ def run_sampler(model, loop, latents, sigmas, positive, negative, cfg, guider=No
 
 
 def invert_latents(model, latents, sigmas, positive, iterations: int, average_last: int) -> torch.Tensor:
-    """DDIM + ReNoise inversion of `latents` up the descending generation schedule `sigmas` (no CFG)."""
+    """DDIM + ReNoise inversion of `latents` up the descending generation schedule `sigmas` (no CFG). On a flow
+    model the same step is the Euler step of the flow ODE (see attention.inversion)."""
     up = sigmas.flip(0)
     up[0] = max(float(up[0]), 1e-4)  # the clean end: evaluate the model just above sigma 0, like FlipSigmas
 
@@ -205,7 +264,8 @@ def _log_balance(plan: RowPlan, stage: str, report: Optional[list]) -> None:
 
 
 def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
-           mode: str, *, balance: Optional[Balance] = None, report: Optional[list] = None) -> Inverted:
+           mode: str, dit_window: tuple[float, float] = (0.0, 1.0), *, balance: Optional[Balance] = None,
+           report: Optional[list] = None) -> Inverted:
     """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention.
     `balance` weighs the target's keys (kv.Balance); `report` receives the weights each layer got."""
     layout = scene.layout
@@ -218,13 +278,13 @@ def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, 
     positive = with_inpaint(conditioning, inpaint_latents, masks)
     rules = texture_aligning_rules(layout, mode, balance)
     plan = RowPlan(layout.inversion_rows, lambda layer: rules, report_balance=balance is not None)
-    patched = apply_plan(model, plan)
+    patched = apply_plan(model, plan, dit_window)
 
     sigmas = schedule(model, steps)
     z_t = invert_latents(patched, latents, sigmas, positive, iterations, average_last)
     _log_balance(plan, "texture-aligning", report)
     return Inverted(scene=scene, latents=z_t, sigmas=sigmas, model_family=model_family(model),
-                    inpaint_latents=inpaint_latents)
+                    inpaint_latents=inpaint_latents, guidance=guidance_of(model, conditioning))
 
 
 def blend_latents(inverted: Inverted, feather: float) -> Inverted:
@@ -237,8 +297,9 @@ def blend_latents(inverted: Inverted, feather: float) -> Inverted:
     return replace(inverted, blended=blend(z_geo, z_tar, m), blend_mask=m)
 
 
-def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str, *,
-             balance: Optional[Balance] = None, report: Optional[list] = None):
+def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str,
+             dit_window: tuple[float, float] = (0.0, 1.0), *, balance: Optional[Balance] = None,
+             report: Optional[list] = None):
     """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents.
     `balance` weighs each source's keys (kv.Balance); `report` receives the weights each layer got."""
     layout = inverted.layout
@@ -246,11 +307,11 @@ def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: st
     x = torch.cat([inverted.latents[: layout.sources], inverted.blended])
     masks = _row_masks(inverted.scene, "generation")
     inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:rows]
-    positive = with_inpaint(positive, inpaint, masks)
-    negative = with_inpaint(negative, inpaint, masks)
+    positive = with_inpaint(same_guidance(model, positive, "positive", inverted.guidance), inpaint, masks)
+    negative = with_inpaint(same_guidance(model, negative, "negative", inverted.guidance, strict=False), inpaint, masks)
     rules = geometry_preserving_rules(layout, mode, balance)
     plan = RowPlan(rows, lambda layer: rules, regions=masks, report_balance=balance is not None)
-    patched = apply_plan(model, plan)
+    patched = apply_plan(model, plan, dit_window)
 
     def loop(denoise, x_, s, callback):
         return inversion.sample(denoise, x_, s, callback=callback)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .patch import is_inpainting, self_attention_blocks
+from .patch import dit_blocks, is_dit, is_inpainting, self_attention_blocks
 
 
 def _hw(t: torch.Tensor) -> str:
@@ -41,13 +41,24 @@ def latent_size(name: str, t: torch.Tensor, multiple: int = 8) -> None:
     h, w = t.shape[-3:-1]
     if h % multiple or w % multiple:
         raise ValueError(
-            f"{name} is {w}x{h}: width and height must be multiples of {multiple} for the VAE; "
+            f"{name} is {w}x{h}: width and height must be multiples of {multiple} for the VAE"
+            f"{'' if multiple == 8 else ' and the 2x2 patches of the model'}; "
             f"resize or crop it (e.g. to {w // multiple * multiple}x{h // multiple * multiple})"
         )
 
 
+def pixel_multiple(model) -> int:
+    """Image sides must be multiples of this: the VAE's 8, times a DiT's 2x2 patches (16), so that every image
+    token covers whole pixels of the masks (a DiT pads an odd latent, which would shift its token grid)."""
+    return 16 if is_dit(model) else 8
+
+
 def unet(model) -> None:
-    """The model is a UNet we can patch; say which inpainting inputs it will receive."""
+    """The model is a UNet or a diffusion transformer (Flux.1, Flux.1 Fill, SD3.x) we can patch; any other
+    family is refused with its name."""
+    if is_dit(model):
+        dit_blocks(model)
+        return
     self_attention_blocks(model)
     in_channels = model.model.model_config.unet_config.get("in_channels")
     if in_channels not in (4, 9):

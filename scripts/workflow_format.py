@@ -31,6 +31,8 @@ def _widget_values(node_class, inputs: dict) -> list:
     values = []
     for name, kind, options in _inputs(node_class):
         if kind in WIDGET_TYPES and not options.get("forceInput"):
+            if name not in inputs and name in node_class.INPUT_TYPES().get("optional", {}):
+                break  # optional widgets appended later, absent as in a workflow saved before them
             values.append(inputs[name])
             if options.get("control_after_generate") or name in ("seed", "noise_seed"):
                 values.append("fixed")
@@ -110,9 +112,15 @@ def ui_to_api(ui: dict, classes: dict) -> dict:
                 link = links[entry["link"]]
                 inputs[entry["name"]] = [str(link[1]), link[2]]
         values = iter(node["widgets_values"])
+        optional = cls.INPUT_TYPES().get("optional", {})
         for name, kind, options in _inputs(cls):
             if kind in WIDGET_TYPES and not options.get("forceInput") and name not in inputs:
-                inputs[name] = next(values)
+                value = next(values, values)
+                if value is values:
+                    if name in optional:
+                        break  # a workflow saved before these optional widgets were appended: their defaults hold
+                    raise ValueError(f"node {node['id']} ({node['type']}) has no widget value for {name}")
+                inputs[name] = value
                 if options.get("control_after_generate") or name in ("seed", "noise_seed"):
                     next(values)
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}

@@ -116,10 +116,67 @@ def shipped_checkpoints() -> dict[str, Path | None]:
             for name in sorted(shipped_checkpoint_names())}
 
 
+SEPARATE_LOADERS = {"UNETLoader": 0, "DualCLIPLoader": 1, "VAELoader": 2}  # -> HATest_TinyCheckpoint's output
+# the model folder of each file input of those loaders
+LOADER_FILES = {"unet_name": "diffusion_models", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
+                "vae_name": "vae"}
+
+
+def shipped_model_files() -> set[tuple[str, str]]:
+    """(models/ folder, file name) of every file the shipped workflows' UNETLoader / CLIP / VAE loaders name: the
+    test server lists them as empty placeholders (the app marks a loader whose file is missing)."""
+    files = set()
+    for path in (PACK_ROOT / "workflows").glob("api/*.json"):
+        for node in json.loads(path.read_text()).values():
+            if node["class_type"] in SEPARATE_LOADERS:
+                files |= {(LOADER_FILES[k], v) for k, v in node["inputs"].items() if k in LOADER_FILES}
+    return files
+
+
 def runnable(base: Path, prompt: dict) -> bool:
-    """Whether every checkpoint the prompt loads is a real (tiny) one on the server at `base`."""
+    """Whether every checkpoint the prompt loads is a real (tiny) one on the server at `base` (a diffusion model
+    loaded on its own, as Flux's UNETLoader, never is)."""
+    if any(n["class_type"] in SEPARATE_LOADERS for n in prompt.values()):
+        return False
     names = [n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
     return all((base / "models" / "checkpoints" / name).is_symlink() for name in names)
+
+
+def tiny_for(loader: dict) -> str:
+    """The test pack's tiny model standing in for a shipped loader no tiny file can replace."""
+    name = next(iter(loader["inputs"].values())).lower()
+    return "tiny-flux-fill" if "flux" in name else "tiny-sd3" if "sd3" in name else "tiny-sdxl"
+
+
+def loader_swaps(prompt: dict) -> dict[str, tuple[str, str, int | None]]:
+    """Loader node -> (tiny model, the node that replaces it, its output slot there; None: the same slots) for
+    the loaders of a prompt the server cannot run as shipped: a placeholder checkpoint (SDXL, SD3) becomes
+    HATest_TinyCheckpoint; a UNETLoader does too, and the CLIP and VAE loaders beside it are rewired to its
+    CLIP and VAE outputs."""
+    swaps = {}
+    unet = next((k for k, n in prompt.items() if n["class_type"] == "UNETLoader"), None)
+    for node_id, node in prompt.items():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            swaps[node_id] = (tiny_for(node), node_id, None)
+        elif node["class_type"] in SEPARATE_LOADERS and unet is not None:
+            swaps[node_id] = (tiny_for(prompt[unet]), unet, SEPARATE_LOADERS[node["class_type"]])
+    return swaps
+
+
+def swap_loaders(prompt: dict) -> dict:
+    """`prompt` with loader_swaps applied (in place, and returned)."""
+    swaps = loader_swaps(prompt)
+    for node_id, (tiny, target, _) in swaps.items():
+        if target == node_id:
+            prompt[node_id] = {"class_type": "HATest_TinyCheckpoint", "inputs": {"ckpt_name": tiny}}
+    for node_id, (_, target, _) in swaps.items():
+        if target != node_id:
+            del prompt[node_id]
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] in swaps and swaps[value[0]][1] != value[0]:
+                node["inputs"][name] = [swaps[value[0]][1], swaps[value[0]][2]]
+    return prompt
 
 
 # ---------------------------------------------------------------- the server
@@ -185,6 +242,9 @@ class ComfyServer:
                 target.touch()  # listed, never loaded
             elif not target.exists():
                 target.symlink_to(path)
+        for folder, name in shipped_model_files():  # listed, never loaded (the tests swap those loaders)
+            (self.base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            (self.base / "models" / folder / name).touch()
         small_examples(self.base / "input", image_size)
         settings = self.base / "user" / "default" / "comfy.settings.json"
         if not settings.exists():  # the frontend as a returning user sees it: no template browser, no minimap

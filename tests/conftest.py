@@ -63,7 +63,7 @@ def app_server(comfy, tmp_path_factory):
 @pytest.fixture(scope="session")
 def families(tiny):
     """Tiny SDXL (depths 2 and 10 like the real one), SDXL inpainting (9 channels, depth 1), SD2.x v-prediction and a
-    tiny Flux (a family the pack refuses), each (MODEL, CLIP, VAE). They are added to `tiny`'s names, so
+    tiny PixArt (a family the pack refuses), each (MODEL, CLIP, VAE). They are added to `tiny`'s names, so
     graphs reach them through HATest_TinyCheckpoint too."""
     import harness
 
@@ -76,7 +76,7 @@ def families(tiny):
             "SDXL", in_channels=9, seed=4, transformer_depth=[0, 0, 1, 1, 1, 1],
             transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1), sdxl_clip, vae),
         "tiny-sd2v": (harness.tiny_family_model("SD20", seed=5, v_prediction=True), clip, vae),
-        "tiny-flux": (harness.tiny_flux(seed=6), clip, vae),
+        "tiny-pixart": (harness.tiny_pixart(seed=6), clip, vae),
     }
     tiny.update(models)  # the dict HATest_TinyCheckpoint reads
     return models

@@ -102,17 +102,18 @@ def _patcher(model_config, state_dict: dict, seed: int):
     )
 
 
-def tiny_vae(seed: int = 0):
-    """A small AutoencoderKL (4 latent channels, 8x downscale like SD's) through comfy.sd.VAE."""
+def tiny_vae(seed: int = 0, z_channels: int = 4):
+    """A small AutoencoderKL (4 latent channels, or 16 like Flux's and SD3's; 8x downscale like SD's) through
+    comfy.sd.VAE."""
     import torch
     import comfy.ldm.models.autoencoder
     import comfy.sd
 
     ddconfig = {
-        "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+        "double_z": True, "z_channels": z_channels, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
         "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
     }
-    model = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    model = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=z_channels)
     gen = torch.Generator().manual_seed(seed)
     def value(key, v):
         if v.ndim > 1:
@@ -120,7 +121,9 @@ def tiny_vae(seed: int = 0):
         return torch.ones_like(v) if "norm" in key and key.endswith("weight") else torch.zeros_like(v)
 
     sd = {k: value(k, v) for k, v in model.state_dict().items()}
-    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+    vae = comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": z_channels}})
+    vae.latent_channels = z_channels
+    return vae
 
 
 def tiny_clip(seed: int = 0):
@@ -281,23 +284,59 @@ def tiny_sdxl_clip(seed: int = 0):
     return clip
 
 
-def tiny_flux(seed: int = 0):
-    """A tiny Flux (a DiT: no UNet blocks) through comfy.supported_models.Flux: a family the pack refuses."""
+def tiny_flux(seed: int = 0, in_channels: int = 16, guidance_embed: bool = False, depth: int = 1, single: int = 1):
+    """A tiny Flux through comfy.supported_models (Flux, or FluxInpaint for Fill's 96 = 16 latent + 16 masked image +
+    64 packed mask channels): hidden size 64, 2 heads, `depth` double and `single` single stream blocks. The
+    config is built from FluxParams' own fields, so fields a ComfyUI version adds (txt_ids_dims) get a value."""
     import dataclasses
 
     import comfy.ldm.flux.model
     import comfy.supported_models
 
     config = {
-        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": TINY_CONTEXT_DIM,
-        "context_in_dim": TINY_CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-        "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
-        "guidance_embed": False,
+        "image_model": "flux", "in_channels": in_channels, "out_channels": 16, "vec_in_dim": TINY_CONTEXT_DIM,
+        "context_in_dim": TINY_CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": depth,
+        "depth_single_blocks": single, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+        "guidance_embed": guidance_embed,
     }
-    # FluxParams fields that newer ComfyUI requires (Flux.1's values, as its model detection sets them)
-    newer = {"txt_ids_dims": []}
-    config.update({f.name: newer[f.name] for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams) if f.name in newer})
-    return _patcher(comfy.supported_models.Flux(config), {}, seed)
+    defaults = {"txt_ids_dims": []}  # latest ComfyUI: which txt_ids axes count text positions (Flux.1: none)
+    for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams):
+        if f.name not in config and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            config[f.name] = defaults[f.name]
+    family = comfy.supported_models.FluxInpaint if in_channels == 96 else comfy.supported_models.Flux
+    return _patcher(family(config), {}, seed)
+
+
+def tiny_sd3(seed: int = 0, self_attention_layers=(0,)):
+    """A tiny SD3 MMDiT through comfy.supported_models.SD3: depth 2 (hidden 128, 2 heads of 64), the last joint block
+    context-only at its output as in SD3, RMS q/k norm, and SD3.5 Medium's extra image-only self-attention
+    (x_block_self_attn) in `self_attention_layers`; context and pooled widths TINY_CONTEXT_DIM."""
+    import torch
+    import comfy.supported_models
+
+    config = {
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+        "adm_in_channels": TINY_CONTEXT_DIM, "pos_embed_scaling_factor": None, "num_patches": 32 * 32,
+        "pos_embed_max_size": 32, "qk_norm": "rms", "x_block_self_attn_layers": list(self_attention_layers),
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": TINY_CONTEXT_DIM, "out_features": 128}},
+    }
+    model = _patcher(comfy.supported_models.SD3(config), {}, seed)
+    with torch.no_grad():  # a buffer, left uninitialised by ComfyUI
+        pos = model.model.diffusion_model.pos_embed
+        pos.copy_(torch.randn(pos.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return model
+
+
+def tiny_pixart(seed: int = 0):
+    """A tiny PixArt-alpha through comfy.supported_models: a DiT whose self-attention bypasses transformer_options
+    (no patch can take it over), so a family the pack refuses."""
+    import comfy.supported_models
+
+    config = {"image_model": "pixart_alpha", "hidden_size": 64, "depth": 1, "num_heads": 2,
+              "caption_channels": TINY_CONTEXT_DIM, "input_size": 8, "patch_size": 2, "in_channels": 4,
+              "pe_interpolation": 1.0}
+    return _patcher(comfy.supported_models.PixArtAlpha(config), {}, seed)
 
 
 def with_diffusion_wrapper(model, key, fn):

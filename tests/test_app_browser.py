@@ -141,6 +141,16 @@ SWAP_LOADER = """(args) => {
     return tiny.id;
 }"""
 
+REWIRE = """(args) => {
+    const [oldId, newId, slot] = args;
+    const graph = window.app.graph, old = graph.getNodeById(oldId), tiny = graph.getNodeById(newId);
+    for (const linkId of [...(old.outputs[0].links || [])]) {
+        const link = graph.links.get ? graph.links.get(linkId) : graph.links[linkId];
+        tiny.connect(slot, graph.getNodeById(link.target_id), link.target_slot);
+    }
+    graph.remove(old);
+}"""
+
 
 def fast_widgets(workflow: dict) -> dict:
     """Few steps for the pack's long nodes (the graph itself is the shipped one)."""
@@ -205,12 +215,16 @@ def test_shipped_workflow_loads_and_runs_from_the_ui(browser_page, app_server, p
     if api is None:
         return
     if not comfy_server.runnable(app_server.base, api):
-        # an SDXL workflow, checked above as shipped; no SDXL checkpoint small enough to write exists, so the
-        # user's next step is taken with the test pack's tiny SDXL: swap the loader node in the UI, then run
-        for node_id, node in api.items():
-            if node["class_type"] == "CheckpointLoaderSimple":
-                page.evaluate(SWAP_LOADER, [int(node_id), "tiny-sdxl"])
-        assert not [n for n in api_prompt(page).values() if n["class_type"] == "CheckpointLoaderSimple"]
+        # an SDXL / SD3 / Flux workflow, checked above as shipped; no checkpoint of those small enough to write
+        # exists, so the user's next step is taken with the test pack's tiny model: swap the loaders in the UI
+        swaps = comfy_server.loader_swaps(api)
+        new = {node_id: page.evaluate(SWAP_LOADER, [int(node_id), tiny])
+               for node_id, (tiny, target, _) in swaps.items() if target == node_id}
+        for node_id, (_, target, slot) in swaps.items():
+            if target != node_id:
+                page.evaluate(REWIRE, [int(node_id), new[target], slot])
+        assert not [n for n in api_prompt(page).values() if n["class_type"] in (
+            "CheckpointLoaderSimple", *comfy_server.SEPARATE_LOADERS)]
     set_widgets(page, fast_widgets(api))
     saves = [int(k) for k, n in api.items() if n["class_type"] == "SaveImage"]
     start = time.time()

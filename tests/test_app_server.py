@@ -86,17 +86,15 @@ def test_shipped_api_workflows_run_with_checkpoint_loader(app_server):
 
 
 def test_sdxl_workflow_runs_with_a_tiny_sdxl_model(app_server):
-    """The shipped SDXL workflows (CLIPTextEncodeSDXL, ImageScale...) as they are, with the checkpoint loader
-    swapped for the test pack's tiny SDXL (no SDXL checkpoint small enough to write exists)."""
+    """The shipped SDXL, SD3 and Flux Fill workflows (CLIPTextEncodeSDXL, FluxGuidance, ImageScale...) as they are,
+    with the loaders swapped for the test pack's tiny SDXL / SD3 / Flux Fill (no checkpoint of those small enough
+    to write exists; see comfy_server.loader_swaps)."""
     paths = [p for p in sorted(WORKFLOWS.glob("api/*.json")) if not comfy_server.runnable(app_server.base,
                                                                                            json.loads(p.read_text()))]
     if not paths:
         pytest.skip("no shipped SDXL workflow")
     for path in paths:
-        prompt = quick(json.loads(path.read_text()))
-        for node in prompt.values():
-            if node["class_type"] == "CheckpointLoaderSimple":
-                node["class_type"], node["inputs"] = "HATest_TinyCheckpoint", {"ckpt_name": "tiny-sdxl"}
+        prompt = comfy_server.swap_loaders(quick(json.loads(path.read_text())))
         start = time.time()
         entry = app_server.run(prompt, timeout=300)
         assert error_of(entry) is None, f"{path.name}: {error_of(entry)}"

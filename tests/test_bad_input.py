@@ -77,7 +77,7 @@ def bad_nodes(tiny):
         nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
     _, clip, vae = tiny["tiny"]
     tiny["tiny-8ch"] = (harness.tiny_model(in_channels=8, seed=4), clip, vae)
-    tiny["tiny-flux-bad"] = (harness.tiny_flux(seed=6), clip, vae)  # a family the pack cannot patch
+    tiny["tiny-pixart-bad"] = (harness.tiny_pixart(seed=6), clip, vae)  # a family the pack cannot patch
     return True
 
 
@@ -153,7 +153,7 @@ CASES = [
      ["Return type mismatch", "inverted"]),
     ("clip_into_model_socket", lambda p: p["8"]["inputs"].update(model=["1", 1]), ["Return type mismatch", "model"]),
     ("missing_scene", lambda p: p["7"]["inputs"].pop("scene"), ["Required input is missing", "scene"]),
-    ("flux_model", lambda p: p["1"]["inputs"].update(ckpt_name="tiny-flux-bad"),
+    ("pixart_model", lambda p: p["1"]["inputs"].update(ckpt_name="tiny-pixart-bad"),
      ["not a UNet", "SD1.x / SD2.x / SDXL"]),
     ("eight_channel_unet", lambda p: p["1"]["inputs"].update(ckpt_name="tiny-8ch"), ["8 input channels", "inpainting"]),
     # --- odd but meaningful: runs cleanly

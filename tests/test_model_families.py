@@ -1,4 +1,4 @@
-"""The same nodes on SDXL, SDXL inpainting and SD2.x v-prediction; a DiT family is refused.
+"""The same nodes on SDXL, SDXL inpainting and SD2.x v-prediction; a family the pack cannot patch is refused.
 
 Tiny random-weight models built through ComfyUI's own supported_models classes (conftest `families`).
 The attention checks reuse tests/test_attention.py's helpers and reference formulas on these UNets;
@@ -258,13 +258,13 @@ def test_unsupported_family_fails_at_the_first_model_node(families):
     from harmonizing_attention.nodes import validate
     from harmonizing_attention.nodes.patch import UnsupportedModel
 
-    with pytest.raises(UnsupportedModel, match=r"this model is Flux \(a Flux diffusion model\), not a UNet"):
-        validate.unet(families["tiny-flux"][0])
-    prompt = graph(ckpt="tiny-flux")
+    with pytest.raises(UnsupportedModel, match=r"this model is PixArtAlpha \(a PixArtMS diffusion model\), not a UNet"):
+        validate.unet(families["tiny-pixart"][0])
+    prompt = graph(ckpt="tiny-pixart")
     with pytest.raises(harness.PromptError) as err:
         harness.run_prompt(prompt)
     text = str(err.value) + json.dumps(err.value.details, default=str)
-    assert "this model is Flux" in text and "SDXL" in text
+    assert "this model is PixArtAlpha" in text and "SDXL" in text and "Flux.1" in text
     assert "HA_TextureAligningInversion" in text  # the first node that receives the MODEL
     no_attention = harness.tiny_model(transformer_depth=[0, 0], transformer_depth_output=[0, 0, 0, 0],
                                       transformer_depth_middle=-1)

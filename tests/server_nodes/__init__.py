@@ -11,10 +11,16 @@ if _TESTS not in sys.path:
 import harness  # noqa: E402
 
 class _Models(dict):
-    def __missing__(self, name):  # built on first use: only the SDXL workflow's test needs it
-        if name != "tiny-sdxl":
-            raise KeyError(f"no test model {name!r}: use one of tiny, tiny-inpaint, tiny-sdxl")
-        self[name] = (harness.tiny_family_model("SDXL", seed=3), harness.tiny_sdxl_clip(seed=3), _vae)
+    def __missing__(self, name):  # built on first use: only the SDXL and DiT workflows' tests need them
+        if name == "tiny-sdxl":
+            self[name] = (harness.tiny_family_model("SDXL", seed=3), harness.tiny_sdxl_clip(seed=3), _vae)
+        elif name == "tiny-flux-fill":
+            self[name] = (harness.tiny_flux(seed=12, in_channels=96, guidance_embed=True), _clip,
+                          harness.tiny_vae(seed=7, z_channels=16))
+        elif name == "tiny-sd3":
+            self[name] = (harness.tiny_sd3(seed=13), _clip, harness.tiny_vae(seed=7, z_channels=16))
+        else:
+            raise KeyError(f"no test model {name!r}: use one of tiny, tiny-inpaint, tiny-sdxl, tiny-flux-fill, tiny-sd3")
         return self[name]
 
 
