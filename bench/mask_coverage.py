@@ -82,5 +82,5 @@ def markdown() -> list[str]:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--markdown", action="store_true", help="the compact Markdown table of notes/README-issue-11.md")
+    p.add_argument("--markdown", action="store_true", help="the compact Markdown table of the README")
     print("\n".join(markdown() if p.parse_args().markdown else table()))

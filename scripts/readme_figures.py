@@ -1,7 +1,8 @@
-"""Figures for notes/README-issue-16.md: the regional colour shift on a left-to-right gradient target, and the
-reference share of Geometry-preserving Attention against the region's size (paper vs auto balance).
+"""Two of the README's figures: the regional colour shift on a left-to-right gradient target
+(docs/regional_colour.png), and the reference share of Geometry-preserving Attention against the region's size,
+paper vs auto balance (docs/balance_share.png). Pure tensor work on the CPU, no model.
 
-    python notes/figures/issue16_figures.py   (from the pack root, with the test venv's python)
+    python scripts/readme_figures.py   (from the pack root, in an environment with torch, e.g. the test venv)
 """
 import sys
 import types
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.modules["harmonizing_attention"] = types.ModuleType("harmonizing_attention")
 sys.modules["harmonizing_attention"].__path__ = [str(ROOT)]
 from harmonizing_attention.attention import color, edit  # noqa: E402
@@ -80,7 +81,7 @@ def main():
                 draw.line(pts, fill=rgb, width=3)
     draw.text((x0 + 6, y0 + 4), "patch column means per channel vs x: thin = target, dots = eq. 1 (flat), "
               "thick = regional (follows the gradient)", fill="black")
-    out = ROOT / "notes" / "figures" / "issue16_regional_colour.png"
+    out = ROOT / "docs" / "regional_colour.png"
     canvas.save(out)
     print(f"wrote {out}")
     for name, image in (("eq1", eq1), ("regional", regional)):
@@ -124,7 +125,7 @@ def share_figure():
         draw.text((x0 + 10, y0 + 8 + 14 * i), name, fill=rgb)
         print(name, "share at 1% / 40%:", round(share(0.01, mode, weight), 4), round(share(0.40, mode, weight), 4))
     draw.text((x0 + 150, 8), "source share of attention (equal logits) vs region size (log scale)", fill="black")
-    out = ROOT / "notes" / "figures" / "issue16_balance_share.png"
+    out = ROOT / "docs" / "balance_share.png"
     canvas.save(out)
     print(f"wrote {out}")
 
