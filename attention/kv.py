@@ -54,8 +54,47 @@ def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optio
     return parts
 
 
-def _gather(t: torch.Tensor, parts: list) -> torch.Tensor:
-    return torch.cat([t[row] if index is None else t[row, index] for row, index in parts], dim=0)
+def _span(rows: list[int]):
+    """rows as a slice when they are consecutive (indexing with it is a view: no copy), else the list."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return rows
+
+
+def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return t[_span(rows)]
+
+
+def _gather(t: torch.Tensor, rows: list[int], resolved: list, keys: int) -> torch.Tensor:
+    """[len(rows), keys, C]: each row's parts concatenated along tokens, written once into one buffer.
+
+    When every row of the group has the same part layout, part j of all rows is copied at once (a slice
+    when the referenced rows are consecutive, e.g. every geo row's [geo; tar]); else row by row.
+    """
+    out = t.new_empty((len(rows), keys) + tuple(t.shape[2:]))
+    layouts = {tuple(None if index is None else index.numel() for _, index in resolved[r]) for r in rows}
+    if len(layouts) == 1:
+        start = 0
+        for j, size in enumerate(next(iter(layouts))):
+            refs = [resolved[r][j][0] for r in rows]
+            indices = [resolved[r][j][1] for r in rows]
+            n = t.shape[1] if size is None else size
+            if size is None:
+                out[:, start:start + n] = _rows(t, refs)
+            elif all(r == refs[0] and index is indices[0] for r, index in zip(refs, indices, strict=True)):
+                out[:, start:start + n] = t[refs[0], indices[0]]  # one source region shared by every row
+            else:
+                for i, (r, index) in enumerate(zip(refs, indices, strict=True)):
+                    out[i, start:start + n] = t[r, index]
+            start += n
+        return out
+    for i, r in enumerate(rows):
+        start = 0
+        for row, index in resolved[r]:
+            n = t.shape[1] if index is None else index.numel()
+            out[i, start:start + n] = t[row] if index is None else t[row, index]
+            start += n
+    return out
 
 
 def shared_attention(
@@ -89,17 +128,17 @@ def shared_attention(
     else:
         out = q.new_empty(q.shape[:2] + v.shape[2:])
         if plain:
-            out[plain] = kernel(q[plain], k[plain], v[plain])
+            out[_span(plain)] = kernel(_rows(q, plain), _rows(k, plain), _rows(v, plain))
     # rows whose key sets have the same length run as one batched kernel call
     groups: dict[int, list[int]] = {}
     for r, parts in enumerate(resolved):
         if parts is not None:
             length = sum(k.shape[1] if index is None else index.numel() for _, index in parts)
             groups.setdefault(length, []).append(r)
-    for rows in groups.values():
-        k_cat = torch.stack([_gather(k, resolved[r]) for r in rows])  # [len(rows), keys, C]
-        v_cat = torch.stack([_gather(v, resolved[r]) for r in rows])
-        out[rows] = ref_kernel(q[rows], k_cat, v_cat)
+    for keys, rows in groups.items():
+        k_cat = _gather(k, rows, resolved, keys)  # [len(rows), keys, C]
+        v_cat = _gather(v, rows, resolved, keys)
+        out[_span(rows)] = ref_kernel(_rows(q, rows), k_cat, v_cat)
     return out
 
 

@@ -16,8 +16,10 @@ import latent_preview
 import node_helpers
 
 from ..attention import inversion
+from ..attention.kv import Ref
 from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, texture_aligning_rules
 from ..attention.tokens import blend, latent_mask
+from . import reuse
 from .patch import apply_plan, is_inpainting
 
 SCHEDULER = "ddim_uniform"  # DDIM's timesteps; the sampler below is DDIM itself (eta = 0)
@@ -136,24 +138,56 @@ def invert_latents(model, latents, sigmas, positive, iterations: int, average_la
     return run_sampler(model, loop, latents, up, positive, positive, 1.0)
 
 
+def _rows_from(rules: list, first: int) -> list:
+    """The rules of rows first.. as a batch of their own: row indices shifted down by `first`."""
+    if any(r.row < first for refs in rules[first:] if refs is not None for r in refs):
+        raise ValueError(f"rows {first}.. refer to a row before {first}: they cannot run as a batch of their own")
+    return [None if refs is None else tuple(Ref(r.row - first, r.region_only) for r in refs) for refs in rules[first:]]
+
+
+def _encode(model, vae, images: torch.Tensor, masks: torch.Tensor):
+    """(latents, masked-image latents or None) of images [B, H, W, 3] with region masks [B, H, W]."""
+    latents = vae.encode(images[..., :3])
+    return latents, masked_image_latents(vae, images, masks) if is_inpainting(model) else None
+
+
+def invert_sources(model, vae, conditioning, scene: Scene, sigmas, iterations: int, average_last: int):
+    """(z_T, masked-image latents or None) of the source rows, inverted as a batch of their own.
+
+    Source rows keep plain self-attention and their own inpainting inputs, so they do not depend on the
+    placement or the colour shift: computed alone, their values do not depend on the rest of the batch
+    either, and a re-run with the same sources, model, VAE, conditioning and schedule takes them from
+    reuse.CACHE (see nodes/reuse.py for what the key covers).
+    """
+    def compute():
+        masks = _row_masks(scene, "inversion")[: scene.layout.sources]
+        latents, inpaint = _encode(model, vae, scene.source, masks)
+        positive = with_inpaint(conditioning, inpaint, masks)
+        return invert_latents(model, latents, sigmas, positive, iterations, average_last), inpaint
+
+    key = reuse.key("source_inversion", lambda k: k.model(model).vae(vae).value(
+        (conditioning, scene.source, scene.source_mask, sigmas, iterations, average_last)))
+    return reuse.cached(key, compute)
+
+
 def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
            mode: str) -> Inverted:
-    """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention."""
-    layout = scene.layout
-    images = torch.cat([scene.source, scene.target, scene.geometry])
-    masks = _row_masks(scene, "inversion")
-    latents = vae.encode(images[..., :3])
-    inpaint_latents = None
-    if is_inpainting(model):
-        inpaint_latents = masked_image_latents(vae, images, masks)
-    positive = with_inpaint(conditioning, inpaint_latents, masks)
-    rules = texture_aligning_rules(layout, mode)
-    patched = apply_plan(model, RowPlan(layout.inversion_rows, lambda layer: rules))
+    """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention.
 
+    Two batches: the sources alone (reused across runs, see invert_sources), then [targets, geometries]."""
+    layout = scene.layout
     sigmas = schedule(model, steps)
+    z_src, inpaint_src = invert_sources(model, vae, conditioning, scene, sigmas, iterations, average_last)
+
+    images = torch.cat([scene.target, scene.geometry])
+    masks = _row_masks(scene, "inversion")[layout.sources:]
+    latents, inpaint = _encode(model, vae, images, masks)
+    positive = with_inpaint(conditioning, inpaint, masks)
+    rules = _rows_from(texture_aligning_rules(layout, mode), layout.sources)
+    patched = apply_plan(model, RowPlan(len(rules), lambda layer: rules))
     z_t = invert_latents(patched, latents, sigmas, positive, iterations, average_last)
-    return Inverted(scene=scene, latents=z_t, sigmas=sigmas, model_family=model_family(model),
-                    inpaint_latents=inpaint_latents)
+    return Inverted(scene=scene, latents=torch.cat([z_src, z_t]), sigmas=sigmas, model_family=model_family(model),
+                    inpaint_latents=None if inpaint is None else torch.cat([inpaint_src, inpaint]))
 
 
 def blend_latents(inverted: Inverted, feather: float) -> Inverted:
