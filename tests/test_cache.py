@@ -59,6 +59,16 @@ def fresh(model, vae, rows, s, **settings):
     return latents
 
 
+def loaded_reuse():
+    """nodes/reuse.py as ComfyUI loaded the pack (graphs run there; `harmonizing_attention` is the tests' copy)."""
+    import sys
+
+    import nodes
+
+    module = nodes.NODE_CLASS_MAPPINGS["HA_TextureAligningInversion"].__module__
+    return sys.modules[module.rsplit(".", 1)[0] + ".reuse"]
+
+
 def lora_like(model):
     """A clone with a weight patch on one attention projection, as a LoRA loader makes it."""
     clone = model.clone()
@@ -95,8 +105,7 @@ def test_a_change_recomputes_what_depends_on_it(setup, change):
 def test_moving_the_geometry_reuses_the_sources_bit_for_bit(setup):
     """Through ComfyUI's executor: a re-run with the geometry moved inverts only [target, geometry] and its
     decoded output equals a run with that placement from an empty cache, bit for bit."""
-    from harmonizing_attention.nodes import reuse
-
+    reuse = loaded_reuse()
     _, _, rows = setup
     reuse.CACHE.clear()
     prompt = graph(ckpt="tiny-inpaint-spied", steps=2, renoise_iterations=2)
@@ -105,11 +114,14 @@ def test_moving_the_geometry_reuses_the_sources_bit_for_bit(setup):
     first = list(rows)
     prompt["6"]["inputs"]["shift_x"] = 4.0
     rows.clear()
+    hits = reuse.CACHE.hits
     moved = harness.run_prompt(prompt)["11"][0]
     assert first.count(1) == 2 * 2 and 1 not in rows  # 2 steps x 2 ReNoise evaluations of the source, reused
-    assert len(rows) == len(first) - 2 * 2
+    assert len(rows) == len(first) - 2 * 2 and reuse.CACHE.hits == hits + 1
     reuse.CACHE.clear()
+    rows.clear()
     assert torch.equal(moved, harness.run_prompt(prompt)["11"][0])
+    assert rows.count(1) == 2 * 2  # computed again
 
 
 def test_entries_are_freed_with_the_model_and_when_comfyui_unloads_it(setup):
