@@ -109,7 +109,8 @@ def shared_attention(
 ) -> torch.Tensor:
     """Attention where row r's keys/values are those named by refs[r].
 
-    q, k, v: [R, N, C]; refs: one entry per row; regions: row -> its region's tokens, as a bool [N]
+    q: [R, N, C]; k, v: [R + E, N, C], rows R.. being reference-only rows (no query, e.g. recorded in
+    another pass: trajectory.py); refs: one entry per row of q; regions: row -> its region's tokens, as a bool [N]
     mask or an index tensor (only rows referenced with region_only need one). `kernel` computes plain rows; `ref_kernel` (default:
     kernel) the rows with a rule. `base`, when given, is the plain output of the whole batch already
     computed (by another patch being chained): plain rows take it as is. When no row has an
@@ -119,7 +120,7 @@ def shared_attention(
         raise ValueError(f"{len(refs)} attention rules for a batch of {q.shape[0]} rows")
     resolved = [_resolve(r, refs[r], regions or {}) for r in range(q.shape[0])]
     if all(parts is None for parts in resolved):
-        return kernel(q, k, v) if base is None else base
+        return kernel(q, k[: q.shape[0]], v[: q.shape[0]]) if base is None else base
 
     ref_kernel = ref_kernel or kernel
     plain = [r for r, parts in enumerate(resolved) if parts is None]

@@ -19,6 +19,7 @@ import torch
 
 from .kv import Kernel, Ref, Refs, contrast_attention
 from .tokens import region_tokens
+from .trajectory import Replayer, Trajectory
 
 TEXTURE_ALIGNING_MODES = ("texture_aligning", "geometry_only", "target_only")
 GEOMETRY_PRESERVING_MODES = ("geometry_preserving", "self_only", "source_only")
@@ -40,7 +41,10 @@ class RowPlan:
     regions: per-row region masks ([rows, H, W], any resolution) for region_only refs;
     needs_step: the rules read Layer.step (the host then works out the schedule position);
     contrast: beta of cross-image attention's contrast for the rows with a rule (1 = none);
-    contrast_clip: clamp the contrasted weights to [0, 1] (the official code's variant).
+    contrast_clip: clamp the contrasted weights to [0, 1] (the official code's variant);
+    record: store every layer call's keys/values of the rows at their region tokens (see trajectory.py);
+    replay: append recorded rows to every layer call's keys/values as reference-only rows: a rule's
+    Ref(rows + s) names recorded row s (its region tokens only, whatever region_only says).
     """
 
     rows: int
@@ -49,6 +53,8 @@ class RowPlan:
     needs_step: bool = False
     contrast: float = 1.0
     contrast_clip: bool = False
+    record: Optional[Trajectory] = None
+    replay: Optional[Replayer] = None
     _tokens: dict = field(default_factory=dict, repr=False)
 
     def ref_kernel(self, heads: int) -> Optional[Kernel]:

@@ -19,6 +19,7 @@ from ..attention import inversion
 from ..attention.kv import Ref
 from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, texture_aligning_rules
 from ..attention.tokens import blend, latent_mask
+from ..attention.trajectory import Trajectory
 from . import reuse
 from .patch import apply_plan, is_inpainting
 
@@ -138,11 +139,14 @@ def invert_latents(model, latents, sigmas, positive, iterations: int, average_la
     return run_sampler(model, loop, latents, up, positive, positive, 1.0)
 
 
-def _rows_from(rules: list, first: int) -> list:
-    """The rules of rows first.. as a batch of their own: row indices shifted down by `first`."""
-    if any(r.row < first for refs in rules[first:] if refs is not None for r in refs):
+def _rows_from(rules: list, first: int, recorded: bool = False) -> list:
+    """The rules of rows first.. as a batch of their own: row indices shifted down by `first`. Refs to rows
+    before `first` become refs to recorded rows (RowPlan.replay: row len(rules) - first + r) when `recorded`."""
+    n = len(rules) - first
+    if not recorded and any(r.row < first for refs in rules[first:] if refs is not None for r in refs):
         raise ValueError(f"rows {first}.. refer to a row before {first}: they cannot run as a batch of their own")
-    return [None if refs is None else tuple(Ref(r.row - first, r.region_only) for r in refs) for refs in rules[first:]]
+    return [None if refs is None else tuple(Ref(r.row - first, r.region_only) if r.row >= first else Ref(n + r.row, True)
+                                            for r in refs) for refs in rules[first:]]
 
 
 def _encode(model, vae, images: torch.Tensor, masks: torch.Tensor):
@@ -200,20 +204,52 @@ def blend_latents(inverted: Inverted, feather: float) -> Inverted:
     return replace(inverted, blended=blend(z_geo, z_tar, m), blend_mask=m)
 
 
-def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str):
-    """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents."""
-    layout = inverted.layout
-    rows = layout.generation_rows
-    x = torch.cat([inverted.latents[: layout.sources], inverted.blended])
-    masks = _row_masks(inverted.scene, "generation")
-    inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:rows]
+def _sample(model, plan: RowPlan, x, sigmas, positive, negative, cfg, inpaint, masks):
+    """DDIM of `x` down `sigmas` with `plan`'s attention, each row with its own inpainting inputs."""
     positive = with_inpaint(positive, inpaint, masks)
     negative = with_inpaint(negative, inpaint, masks)
-    rules = geometry_preserving_rules(layout, mode)
-    patched = apply_plan(model, RowPlan(rows, lambda layer: rules, regions=masks))
 
     def loop(denoise, x_, s, callback):
         return inversion.sample(denoise, x_, s, callback=callback)
 
-    samples = run_sampler(patched, loop, x, inverted.sigmas, positive, negative, cfg)
-    return samples[layout.sources:], samples[: layout.sources]
+    return run_sampler(apply_plan(model, plan), loop, x, sigmas, positive, negative, cfg)
+
+
+def generate_sources(model, positive, negative, inverted: Inverted, cfg: float):
+    """(source latents, their Trajectory): the source rows denoised as a batch of their own, recording their
+    keys/values inside the source mask at every self-attention call for the output rows' eq. 5.
+
+    Like their inversion, they depend on neither the placement nor the colour shift: a re-run with the same
+    inverted sources, model, conditioning, cfg and schedule takes them from reuse.CACHE when they fit its
+    budget (SD1.5 at 512 x 512, 25 steps: ~46 MB per step x the mask's fraction of the image in fp16,
+    x 2 in fp32 or with cfg != 1; see notes/README-issue-13.md)."""
+    sources = inverted.layout.sources
+    masks = _row_masks(inverted.scene, "generation")[:sources]
+    inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:sources]
+    z = inverted.latents[:sources]
+
+    def compute():
+        recording = Trajectory(comfy.model_management.intermediate_device())
+        plan = RowPlan(sources, lambda layer: [None] * sources, regions=masks, record=recording)
+        return _sample(model, plan, z, inverted.sigmas, positive, negative, cfg, inpaint, masks), recording
+
+    key = reuse.key("source_generation", lambda k: k.model(model).value(
+        (positive, negative, float(cfg), inverted.sigmas, z, inpaint, masks)))
+    samples, recording = reuse.cached(key, compute)
+    return samples.clone(), recording
+
+
+def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str):
+    """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents.
+
+    Two passes: the sources (generate_sources, reused across runs), then the outputs, whose attention takes
+    the sources' keys/values from the first pass's recording."""
+    layout = inverted.layout
+    rows = layout.generation_rows
+    sources, recording = generate_sources(model, positive, negative, inverted, cfg)
+    masks = _row_masks(inverted.scene, "generation")[layout.sources:]
+    inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[layout.sources:rows]
+    rules = _rows_from(geometry_preserving_rules(layout, mode), layout.sources, recorded=True)
+    plan = RowPlan(layout.pairs, lambda layer: rules, replay=recording.replayer())
+    samples = _sample(model, plan, inverted.blended, inverted.sigmas, positive, negative, cfg, inpaint, masks)
+    return samples, sources

@@ -66,7 +66,7 @@ class Cache:
             return entry[0]
 
     def put(self, key: tuple, value, owners: frozenset) -> None:
-        """Store `value` (tensors, or tuples/lists of them and None); `owners`: the identity tokens in the key."""
+        """Store `value` (see nbytes); `owners`: the identity tokens in the key."""
         size = nbytes(value)
         with self._lock:
             if size > self.budget:
@@ -96,11 +96,10 @@ class Cache:
 
 
 def nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+    """Bytes held by tensors, tuples/lists of values and objects with an `nbytes` (a Trajectory)."""
     if isinstance(value, (tuple, list)):
         return sum(nbytes(v) for v in value)
-    return 0
+    return int(getattr(value, "nbytes", 0))
 
 
 CACHE = Cache(int(float(os.environ.get("HARMONIZING_ATTENTION_CACHE_MB", "1024")) * 2 ** 20))
