@@ -100,9 +100,9 @@ def make_replace(plan: RowPlan, previous=None):
         tokens = plan.region_tokens(h, w, q.device)
         regions = {c * rows + j: t for c in range(chunks) for j, t in tokens.items()}
         if plan.record is not None or plan.replay is not None:
-            flags, sigmas = extra_options.get("cond_or_uncond", [0]), extra_options["sigmas"]
-            keys = [(tuple(extra_options["block"]), extra_options.get("block_index", 0), float(sigmas[c * rows]),
-                     flags[c]) for c in range(chunks)]
+            flags, sigmas = extra_options.get("cond_or_uncond", [0]), extra_options["sigmas"].reshape(-1)
+            keys = [(tuple(extra_options["block"]), extra_options.get("block_index", 0),
+                     float(sigmas[min(c * rows, len(sigmas) - 1)]), flags[c]) for c in range(chunks)]
         if plan.record is not None:
             for c, key in enumerate(keys):
                 plan.record.record(key, k[c * rows:(c + 1) * rows], v[c * rows:(c + 1) * rows],
