@@ -200,7 +200,7 @@ def measure(model_name, device, size, steps, iterations, repeats, warmup):
         result = captured[run]
         Runner()(graphs[run], device)
         identical.append(bool(result.shape == captured[run].shape and (result == captured[run]).all()))
-    entry = reuse.CACHE.bytes / max(1, len(reuse.CACHE))  # one source's entry
+    per_source = reuse.CACHE.bytes  # the entries of the last fresh run (begun on an empty cache): one source's
     comfy.model_management.unload_all_models()
     reuse.release_unloaded()
     ratio = {run: common.ratios(times[run], times["first"]) for run in RUNS[1:]}
@@ -209,7 +209,7 @@ def measure(model_name, device, size, steps, iterations, repeats, warmup):
            f"{statistics.median(times['first']):.2f}",
            *(f"{common.mmm(ratio[run])} (cpu {statistics.median(cpu_ratio[run]):.3f})" for run in RUNS[1:]),
            " / ".join(evaluations[run] for run in RUNS), "yes" if all(identical) else "NO",
-           f"{entry / 2 ** 10:.0f}"]
+           f"{per_source / 2 ** 10:.0f}"]
     worst = {"wall": max(statistics.median(ratio[run]) for run in RUNS[1:]),
              "cpu": max(statistics.median(cpu_ratio[run]) for run in RUNS[1:])}
     return row, worst, all(identical)
