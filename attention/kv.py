@@ -19,6 +19,7 @@ and no mask is passed at all, so w = 1 is the paper bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -150,8 +151,64 @@ def effective(refs: Sequence[Refs], regions: Optional[Mapping[int, torch.Tensor]
     return any(_resolve(r, refs[r], regions or {}) is not None for r in range(len(refs)))
 
 
-def _gather(t: torch.Tensor, parts: list) -> torch.Tensor:
-    return torch.cat([t[row] if index is None else t[row, index] for row, index in parts], dim=0)
+def _span(rows: list[int]):
+    """rows as a slice when they are consecutive (indexing with it is a view: no copy), else the list."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return rows
+
+
+@functools.lru_cache(maxsize=256)
+def _index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """rows as an index tensor on `device`, made once: indexing a CUDA tensor with a Python list copies the
+    list from pageable host memory on every call, which waits for the GPU's queue (a sync per layer)."""
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    span = _span(rows)
+    return t[span] if isinstance(span, slice) else t.index_select(0, _index(tuple(rows), t.device))
+
+
+def _put(out: torch.Tensor, rows: list[int], value: torch.Tensor) -> None:
+    """out[rows] = value, without a host-to-device copy of the row list (see _index)."""
+    span = _span(rows)
+    if isinstance(span, slice):
+        out[span] = value
+    else:
+        out.index_copy_(0, _index(tuple(rows), out.device), value)
+
+
+def _gather(t: torch.Tensor, rows: list[int], resolved: list, keys: int) -> torch.Tensor:
+    """[len(rows), keys, C]: each row's parts concatenated along tokens, written once into one buffer.
+
+    When every row of the group has the same part layout, part j of all rows is copied at once (a slice
+    when the referenced rows are consecutive, e.g. every geo row's [geo; tar]); else row by row.
+    """
+    out = t.new_empty((len(rows), keys) + tuple(t.shape[2:]))
+    layouts = {tuple(None if index is None else index.numel() for _, index in resolved[r]) for r in rows}
+    if len(layouts) == 1:
+        start = 0
+        for j, size in enumerate(next(iter(layouts))):
+            refs = [resolved[r][j][0] for r in rows]
+            indices = [resolved[r][j][1] for r in rows]
+            n = t.shape[1] if size is None else size
+            if size is None:
+                out[:, start:start + n] = _rows(t, refs)
+            elif all(r == refs[0] and index is indices[0] for r, index in zip(refs, indices, strict=True)):
+                out[:, start:start + n] = t[refs[0], indices[0]]  # one source region shared by every row
+            else:
+                for i, (r, index) in enumerate(zip(refs, indices, strict=True)):
+                    out[i, start:start + n] = t[r, index]
+            start += n
+        return out
+    for i, r in enumerate(rows):
+        start = 0
+        for row, index in resolved[r]:
+            n = t.shape[1] if index is None else index.numel()
+            out[i, start:start + n] = t[row] if index is None else t[row, index]
+            start += n
+    return out
 
 
 def shared_attention(
@@ -168,7 +225,8 @@ def shared_attention(
 ) -> torch.Tensor:
     """Attention where row r's keys/values are those named by refs[r].
 
-    q, k, v: [R, N, C]; refs: one entry per row; regions: row -> its region's tokens, as a bool [N]
+    q: [R, N, C]; k, v: [R + E, N, C], rows R.. being reference-only rows (no query, e.g. recorded in
+    another pass: trajectory.py); refs: one entry per row of q; regions: row -> its region's tokens, as a bool [N]
     mask or an index tensor (only rows referenced with region_only need one). `kernel` computes plain rows; `ref_kernel` (default:
     kernel) the rows with a rule. `base`, when given, is the plain output of the whole batch already
     computed (by another patch being chained): plain rows take it as is. When no row has an
@@ -185,7 +243,7 @@ def shared_attention(
         raise ValueError(f"{len(refs)} attention rules for a batch of {q.shape[0]} rows")
     resolved = [_resolve(r, refs[r], regions or {}) for r in range(q.shape[0])]
     if all(parts is None for parts in resolved):
-        return kernel(q, k, v) if base is None else base
+        return kernel(q, k[: q.shape[0]], v[: q.shape[0]]) if base is None else base
     if image is not None:
         resolved = [None if parts is None else _joint(r, parts, image, k.shape[1], k.device)
                     for r, parts in enumerate(resolved)]
@@ -197,7 +255,7 @@ def shared_attention(
     else:
         out = q.new_empty(q.shape[:2] + v.shape[2:])
         if plain:
-            out[plain] = kernel(q[plain], k[plain], v[plain])
+            _put(out, plain, kernel(_rows(q, plain), _rows(k, plain), _rows(v, plain)))
     # rows whose key sets have the same length run as one batched kernel call
     groups: dict[int, list[int]] = {}
     for r, parts in enumerate(resolved):
@@ -206,10 +264,10 @@ def shared_attention(
             groups.setdefault(length, []).append(r)
     n_image = None if image is None else image[1] - image[0]
     weights = [_weights(refs[r], parts, k.shape[1], n_image) for r, parts in enumerate(resolved)]
-    for rows in groups.values():
-        k_cat = torch.stack([_gather(k, resolved[r]) for r in rows])  # [len(rows), keys, C]
-        v_cat = torch.stack([_gather(v, resolved[r]) for r in rows])
-        out[rows] = _attend(ref_kernel, q[rows], k_cat, v_cat, [weights[r] for r in rows])
+    for keys, rows in groups.items():
+        k_cat = _gather(k, rows, resolved, keys)  # [len(rows), keys, C]
+        v_cat = _gather(v, rows, resolved, keys)
+        _put(out, rows, _attend(ref_kernel, _rows(q, rows), k_cat, v_cat, [weights[r] for r in rows]))
     for r, groups_of_r in enumerate(weights):
         if report is not None and groups_of_r is not None:
             report(r, groups_of_r)

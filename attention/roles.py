@@ -27,6 +27,7 @@ import torch
 
 from .kv import Balance, Kernel, Ref, Refs, contrast_attention
 from .tokens import region_tokens
+from .trajectory import Replayer, Trajectory
 
 TEXTURE_ALIGNING_MODES = ("texture_aligning", "geometry_only", "target_only")
 GEOMETRY_PRESERVING_MODES = ("geometry_preserving", "self_only", "source_only")
@@ -62,6 +63,9 @@ class RowPlan:
     contrast: beta of cross-image attention's contrast for the rows with a rule (1 = none);
     contrast_clip: clamp the contrasted weights to [0, 1] (the official code's variant);
     report_balance: record the balance weights each layer applied (balance_report()).
+    record: store every layer call's keys/values of the rows at their region tokens (see trajectory.py);
+    replay: append recorded rows to every layer call's keys/values as reference-only rows: a rule's
+    Ref(rows + s) names recorded row s (its region tokens only, whatever region_only says).
     """
 
     rows: int
@@ -71,6 +75,8 @@ class RowPlan:
     contrast: float = 1.0
     contrast_clip: bool = False
     report_balance: bool = False
+    record: Optional[Trajectory] = None
+    replay: Optional[Replayer] = None
     _tokens: dict = field(default_factory=dict, repr=False)
     _balance_seen: dict = field(default_factory=dict, repr=False)
 

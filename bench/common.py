@@ -51,8 +51,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def start(cpu: bool, threads: int = 0):
-    """ComfyUI in-process with the pack loaded (PyTorch attention); returns the torch device."""
+def add_clock(p: argparse.ArgumentParser) -> None:
+    """--clock, for the benches that time with timed()."""
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: this thread's CPU time (CPU runs with --threads 1 only: unlike "
+                        "wall time it does not count the time other processes hold the core)")
+
+
+CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = CLOCK["wall"]
+
+
+def start(cpu: bool, threads: int = 0, clock_name: str = "wall"):
+    """ComfyUI in-process with the pack loaded (PyTorch attention); returns the torch device. `clock_name`:
+    what timed() measures (see --clock)."""
     sys.path.insert(0, str(PACK_ROOT / "scripts"))
     sys.path.insert(0, str(PACK_ROOT / "tests"))
     import comfy_runtime
@@ -61,6 +73,11 @@ def start(cpu: bool, threads: int = 0):
     if threads > 0:
         torch.set_num_threads(threads)
     comfy_runtime.start(cpu=cpu or not torch.cuda.is_available())
+    global clock
+    on_gpu = torch.cuda.is_available() and not cpu
+    if clock_name == "cpu" and (on_gpu or torch.get_num_threads() != 1):
+        raise SystemExit("--clock cpu measures one thread's CPU time: use it with --cpu --threads 1")
+    clock = CLOCK[clock_name]
     if "harmonizing_attention" not in sys.modules:  # the pack as a package, without its ComfyUI __init__
         pkg = types.ModuleType("harmonizing_attention")
         pkg.__path__ = [str(PACK_ROOT)]
@@ -177,10 +194,10 @@ class Forward:
 
 def timed(fn, device) -> float:
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def interleaved(variants: dict, repeats: int, device, warmup: int = 1) -> dict[str, list[float]]:

@@ -112,8 +112,12 @@ def is_inpainting(model) -> bool:
     return tuple(getattr(model.model, "concat_keys", ())) == ("mask", "masked_image")
 
 
-def _shift(refs: Refs, offset: int) -> Refs:
-    return None if refs is None else tuple(dataclasses.replace(r, row=r.row + offset) for r in refs)
+def _shift(refs: Refs, offset: int, rows: int | None = None, recorded: int = 0) -> Refs:
+    """refs of a chunk's row, shifted by `offset`; refs to recorded rows (row >= rows) moved to `recorded` on."""
+    if refs is None:
+        return None
+    return tuple(dataclasses.replace(r, row=r.row + offset) if rows is None or r.row < rows
+                 else dataclasses.replace(r, row=recorded + r.row - rows, region_only=True) for r in refs)
 
 
 def schedule_position(extra_options) -> float | None:
@@ -152,10 +156,16 @@ def make_replace(plan: RowPlan, previous=None):
             step=schedule_position(extra_options) if plan.needs_step else None,
         )
         rules = list(plan.rules(layer))
-        rules = [_shift(rules[j], c * rows) for c in range(chunks) for j in range(rows)]
         tokens = plan.region_tokens(h, w, q.device)
         regions = {c * rows + j: t for c in range(chunks) for j, t in tokens.items()}
-
+        if plan.record is not None or plan.replay is not None:
+            flags, sigmas = extra_options.get("cond_or_uncond", [0]), extra_options["sigmas"].reshape(-1)
+            keys = [(tuple(extra_options["block"]), extra_options.get("block_index", 0),
+                     float(sigmas[min(c * rows, len(sigmas) - 1)]), flags[c]) for c in range(chunks)]
+        if plan.record is not None:
+            for c, key in enumerate(keys):
+                plan.record.record(key, k[c * rows:(c + 1) * rows], v[c * rows:(c + 1) * rows],
+                                   [tokens[j] for j in range(rows)])
         heads = extra_options["n_heads"]
 
         def kernel(q_, k_, v_, **mask):  # mask: only a balance's bias (kv.Balance); absent otherwise
@@ -163,6 +173,17 @@ def make_replace(plan: RowPlan, previous=None):
                                        transformer_options=extra_options, **mask)
 
         base = previous(q, k, v, extra_options) if previous is not None else None
+        if plan.replay is not None:  # recorded rows after the batch's: chunk c's at q.shape[0] + c * recorded
+            recorded = [plan.replay.rows(key, k.shape[1], k.device) for key in keys]
+            per_chunk = recorded[0][0].shape[0]
+            for c, (_, _, lengths) in enumerate(recorded):
+                for s, n in enumerate(lengths):
+                    regions[q.shape[0] + c * per_chunk + s] = torch.arange(n, device=q.device)
+            rules = [_shift(rules[j], c * rows, rows, q.shape[0] + c * per_chunk) for c in range(chunks) for j in range(rows)]
+            k = torch.cat([k, *(r[0] for r in recorded)])
+            v = torch.cat([v, *(r[1] for r in recorded)])
+        else:
+            rules = [_shift(rules[j], c * rows) for c in range(chunks) for j in range(rows)]
         return shared_attention(q, k, v, rules, kernel, regions, ref_kernel=plan.ref_kernel(heads), base=base,
                                 report=plan.balance_recorder(layer, h, w))
 

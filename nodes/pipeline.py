@@ -4,6 +4,7 @@ concat, latent scaling, CFG, wrappers and hooks all stay ComfyUI's).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -21,7 +22,9 @@ from ..attention import edit, inversion
 from ..attention.kv import Balance
 from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, texture_aligning_rules
 from ..attention.tokens import blend, latent_mask
-from .patch import apply_plan, is_inpainting
+from ..attention.trajectory import Trajectory
+from . import reuse
+from .patch import apply_plan, is_dit, is_inpainting
 
 SCHEDULER = "ddim_uniform"  # DDIM's timesteps; the sampler below is DDIM itself (eta = 0)
 FLOW_SCHEDULER = "simple"  # rectified-flow models (Flux, SD3): their own shifted sigmas, evenly in time
@@ -263,28 +266,64 @@ def _log_balance(plan: RowPlan, stage: str, report: Optional[list]) -> None:
         report.extend(lines)
 
 
+def _rows_from(rules: list, first: int, recorded: bool = False) -> list:
+    """The rules of rows first.. as a batch of their own: row indices shifted down by `first`. Refs to rows
+    before `first` become refs to recorded rows (RowPlan.replay: row len(rules) - first + r) when `recorded`."""
+    n = len(rules) - first
+    if not recorded and any(r.row < first for refs in rules[first:] if refs is not None for r in refs):
+        raise ValueError(f"rows {first}.. refer to a row before {first}: they cannot run as a batch of their own")
+    return [None if refs is None else tuple(dataclasses.replace(r, row=r.row - first) if r.row >= first
+                                            else dataclasses.replace(r, row=n + r.row, region_only=True)
+                                            for r in refs) for refs in rules[first:]]
+
+
+def _encode(model, vae, images: torch.Tensor, masks: torch.Tensor):
+    """(latents, masked-image latents or None) of images [B, H, W, 3] with region masks [B, H, W]."""
+    latents = vae.encode(images[..., :3])
+    return latents, masked_image_latents(vae, images, masks) if is_inpainting(model) else None
+
+
+def invert_sources(model, vae, conditioning, scene: Scene, sigmas, iterations: int, average_last: int):
+    """(z_T, masked-image latents or None) of the source rows, inverted as a batch of their own.
+
+    Source rows keep plain self-attention and their own inpainting inputs, so they do not depend on the
+    placement or the colour shift: computed alone, their values do not depend on the rest of the batch
+    either, and a re-run with the same sources, model, VAE, conditioning and schedule takes them from
+    reuse.CACHE (see nodes/reuse.py for what the key covers).
+    """
+    def compute():
+        masks = _row_masks(scene, "inversion")[: scene.layout.sources]
+        latents, inpaint = _encode(model, vae, scene.source, masks)
+        positive = with_inpaint(conditioning, inpaint, masks)
+        return invert_latents(model, latents, sigmas, positive, iterations, average_last), inpaint
+
+    key = reuse.key("source_inversion", lambda k: k.model(model).vae(vae).value(
+        (conditioning, scene.source, scene.source_mask, sigmas, iterations, average_last)))
+    return reuse.cached(key, compute)
+
+
 def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
            mode: str, dit_window: tuple[float, float] = (0.0, 1.0), *, balance: Optional[Balance] = None,
            report: Optional[list] = None) -> Inverted:
     """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention.
-    `balance` weighs the target's keys (kv.Balance); `report` receives the weights each layer got."""
-    layout = scene.layout
-    images = torch.cat([scene.source, scene.target, scene.geometry])
-    masks = _row_masks(scene, "inversion")
-    latents = vae.encode(images[..., :3])
-    inpaint_latents = None
-    if is_inpainting(model):
-        inpaint_latents = masked_image_latents(vae, images, masks)
-    positive = with_inpaint(conditioning, inpaint_latents, masks)
-    rules = texture_aligning_rules(layout, mode, balance)
-    plan = RowPlan(layout.inversion_rows, lambda layer: rules, report_balance=balance is not None)
-    patched = apply_plan(model, plan, dit_window)
+    `balance` weighs the target's keys (kv.Balance); `report` receives the weights each layer got.
 
+    Two batches: the sources alone (reused across runs, see invert_sources), then [targets, geometries]."""
+    layout = scene.layout
     sigmas = schedule(model, steps)
-    z_t = invert_latents(patched, latents, sigmas, positive, iterations, average_last)
+    z_src, inpaint_src = invert_sources(model, vae, conditioning, scene, sigmas, iterations, average_last)
+
+    images = torch.cat([scene.target, scene.geometry])
+    masks = _row_masks(scene, "inversion")[layout.sources:]
+    latents, inpaint = _encode(model, vae, images, masks)
+    positive = with_inpaint(conditioning, inpaint, masks)
+    rules = _rows_from(texture_aligning_rules(layout, mode, balance), layout.sources)
+    plan = RowPlan(len(rules), lambda layer: rules, report_balance=balance is not None)
+    z_t = invert_latents(apply_plan(model, plan, dit_window), latents, sigmas, positive, iterations, average_last)
     _log_balance(plan, "texture-aligning", report)
-    return Inverted(scene=scene, latents=z_t, sigmas=sigmas, model_family=model_family(model),
-                    inpaint_latents=inpaint_latents, guidance=guidance_of(model, conditioning))
+    return Inverted(scene=scene, latents=torch.cat([z_src, z_t]), sigmas=sigmas, model_family=model_family(model),
+                    inpaint_latents=None if inpaint is None else torch.cat([inpaint_src, inpaint]),
+                    guidance=guidance_of(model, conditioning))
 
 
 def blend_latents(inverted: Inverted, feather: float) -> Inverted:
@@ -297,25 +336,69 @@ def blend_latents(inverted: Inverted, feather: float) -> Inverted:
     return replace(inverted, blended=blend(z_geo, z_tar, m), blend_mask=m)
 
 
-def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str,
-             dit_window: tuple[float, float] = (0.0, 1.0), *, balance: Optional[Balance] = None,
-             report: Optional[list] = None):
-    """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents.
-    `balance` weighs each source's keys (kv.Balance); `report` receives the weights each layer got."""
-    layout = inverted.layout
-    rows = layout.generation_rows
-    x = torch.cat([inverted.latents[: layout.sources], inverted.blended])
-    masks = _row_masks(inverted.scene, "generation")
-    inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:rows]
-    positive = with_inpaint(same_guidance(model, positive, "positive", inverted.guidance), inpaint, masks)
-    negative = with_inpaint(same_guidance(model, negative, "negative", inverted.guidance, strict=False), inpaint, masks)
-    rules = geometry_preserving_rules(layout, mode, balance)
-    plan = RowPlan(rows, lambda layer: rules, regions=masks, report_balance=balance is not None)
-    patched = apply_plan(model, plan, dit_window)
+def _sample(model, plan: RowPlan, x, sigmas, positive, negative, cfg, inpaint, masks,
+            dit_window: tuple[float, float] = (0.0, 1.0)):
+    """DDIM of `x` down `sigmas` with `plan`'s attention, each row with its own inpainting inputs."""
+    positive = with_inpaint(positive, inpaint, masks)
+    negative = with_inpaint(negative, inpaint, masks)
 
     def loop(denoise, x_, s, callback):
         return inversion.sample(denoise, x_, s, callback=callback)
 
-    samples = run_sampler(patched, loop, x, inverted.sigmas, positive, negative, cfg)
+    return run_sampler(apply_plan(model, plan, dit_window), loop, x, sigmas, positive, negative, cfg)
+
+
+def generate_sources(model, positive, negative, inverted: Inverted, cfg: float):
+    """(source latents, their Trajectory): the source rows denoised as a batch of their own, recording their
+    keys/values inside the source mask at every self-attention call for the output rows' eq. 5.
+
+    Like their inversion, they depend on neither the placement nor the colour shift: a re-run with the same
+    inverted sources, model, conditioning, cfg and schedule takes them from reuse.CACHE when they fit its
+    budget (SD1.5 at 512 x 512, 25 steps: ~46 MB per step x the mask's fraction of the image in fp16,
+    x 2 in fp32 or with cfg != 1; see the README's "Re-runs reuse what did not change")."""
+    sources = inverted.layout.sources
+    masks = _row_masks(inverted.scene, "generation")[:sources]
+    inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:sources]
+    z = inverted.latents[:sources]
+
+    def compute():
+        recording = Trajectory(comfy.model_management.intermediate_device())
+        plan = RowPlan(sources, lambda layer: [None] * sources, regions=masks, record=recording)
+        return _sample(model, plan, z, inverted.sigmas, positive, negative, cfg, inpaint, masks), recording
+
+    key = reuse.key("source_generation", lambda k: k.model(model).value(
+        (positive, negative, float(cfg), inverted.sigmas, z, inpaint, masks)))
+    samples, recording = reuse.cached(key, compute)
+    return samples.clone(), recording
+
+
+def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str,
+             dit_window: tuple[float, float] = (0.0, 1.0), *, balance: Optional[Balance] = None,
+             report: Optional[list] = None):
+    """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents.
+    `balance` weighs each source's keys (kv.Balance); `report` receives the weights each layer got.
+
+    On a UNet, two passes: the sources (generate_sources, reused across runs), then the outputs, whose
+    attention takes the sources' keys/values from the first pass's recording. A diffusion transformer's
+    joint attention has no recording (patch.apply_dit_plan): there the rows run as one batch."""
+    layout = inverted.layout
+    positive = same_guidance(model, positive, "positive", inverted.guidance)
+    negative = same_guidance(model, negative, "negative", inverted.guidance, strict=False)
+    rules = geometry_preserving_rules(layout, mode, balance)
+    if is_dit(model):
+        rows = layout.generation_rows
+        x = torch.cat([inverted.latents[: layout.sources], inverted.blended])
+        masks = _row_masks(inverted.scene, "generation")
+        inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:rows]
+        plan = RowPlan(rows, lambda layer: rules, regions=masks, report_balance=balance is not None)
+        samples = _sample(model, plan, x, inverted.sigmas, positive, negative, cfg, inpaint, masks, dit_window)
+        _log_balance(plan, "geometry-preserving", report)
+        return samples[layout.sources:], samples[: layout.sources]
+    sources, recording = generate_sources(model, positive, negative, inverted, cfg)
+    masks = _row_masks(inverted.scene, "generation")[layout.sources:]
+    inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[layout.sources:layout.generation_rows]
+    rules = _rows_from(rules, layout.sources, recorded=True)
+    plan = RowPlan(layout.pairs, lambda layer: rules, replay=recording.replayer(), report_balance=balance is not None)
+    samples = _sample(model, plan, inverted.blended, inverted.sigmas, positive, negative, cfg, inpaint, masks)
     _log_balance(plan, "geometry-preserving", report)
-    return samples[layout.sources:], samples[: layout.sources]
+    return samples, sources

@@ -207,7 +207,7 @@ def _scene(size=64):
 def test_sdxl_conditioning_reaches_the_unet_untouched(families):
     """Pooled output and size conditioning (ADM input y) and the text context reach every UNet call of both
     stages as ComfyUI builds them, next to the inpainting concat our pipeline adds: cond and uncond alike."""
-    from harmonizing_attention.nodes import pipeline
+    from harmonizing_attention.nodes import pipeline, reuse
 
     model, clip, vae = families["tiny-sdxl-inpaint"]
     calls = []
@@ -224,12 +224,13 @@ def test_sdxl_conditioning_reaches_the_unet_untouched(families):
             pooled_output=pooled, **sizes))
     (positive, pos_ctx, pos_y), (negative, neg_ctx, neg_y) = encoded["pos"], encoded["neg"]
     before = copy.deepcopy(positive)
+    reuse.CACHE.clear()  # the sources' inversion is computed, not taken from an earlier test
     inverted = pipeline.invert(spied, vae, positive, _scene(), steps=2, iterations=1, average_last=1,
                                mode="texture_aligning")
     inversion_calls = len(calls)
     pipeline.generate(spied, positive, negative, pipeline.blend_latents(inverted, 0.0), cfg=2.0,
                       mode="geometry_preserving")
-    assert inversion_calls == 2 and len(calls) > inversion_calls
+    assert inversion_calls == 2 * 2 and len(calls) > inversion_calls  # 2 steps: sources, then [target, geometry]
     for shape, chunks, context, y in calls:
         assert shape[1] == 9  # the inpainting concat, 4 + 1 + 4 channels
         rows = shape[0] // len(chunks)
