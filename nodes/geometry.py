@@ -92,6 +92,20 @@ def check_dit_window(dit_block_start, dit_block_end) -> None:
                          "starts after it ends; swap them")
 
 
+def placement_inputs() -> list:
+    """The four widgets of the edit T (attention/edit.py's Placement), shared by the nodes that place a geometry."""
+    return [
+        io.Float.Input("shift_x", default=0.0, min=-16384.0, max=16384.0, step=1.0,
+                       tooltip="Target pixels, + right. 0 keeps the mask's relative position on the target."),
+        io.Float.Input("shift_y", default=0.0, min=-16384.0, max=16384.0, step=1.0,
+                       tooltip="Target pixels, + down."),
+        io.Float.Input("scale", default=1.0, min=0.05, max=8.0, step=0.01,
+                       tooltip="Uniform scale about the centre of the mask's bounding box."),
+        io.Float.Input("rotation", default=0.0, min=-360.0, max=360.0, step=0.5,
+                       tooltip="Degrees, counter-clockwise, about the centre of the mask's bounding box."),
+    ]
+
+
 class GeometryImageEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -105,14 +119,7 @@ class GeometryImageEdit(io.ComfyNode):
                 io.Image.Input("source", tooltip="The image holding the geometry to transfer (holes, cracks, drops...)."),
                 io.Mask.Input("source_mask", tooltip="1 on the geometry to transfer; binarised at 0.5. Same size as source."),
                 io.Image.Input("target", tooltip="The image that receives the geometry and keeps its own texture."),
-                io.Float.Input("shift_x", default=0.0, min=-16384.0, max=16384.0, step=1.0,
-                               tooltip="Target pixels, + right. 0 keeps the mask's relative position on the target."),
-                io.Float.Input("shift_y", default=0.0, min=-16384.0, max=16384.0, step=1.0,
-                               tooltip="Target pixels, + down."),
-                io.Float.Input("scale", default=1.0, min=0.05, max=8.0, step=0.01,
-                               tooltip="Uniform scale about the centre of the mask's bounding box."),
-                io.Float.Input("rotation", default=0.0, min=-360.0, max=360.0, step=0.5,
-                               tooltip="Degrees, counter-clockwise, about the centre of the mask's bounding box."),
+                *placement_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="geometry", tooltip="The moved source patch pasted on the target (for preview)."),
@@ -360,14 +367,7 @@ class AddGeometry(io.ComfyNode):
                 SceneType.Input("scene", tooltip="From HA_GeometryImageEdit or another HA_AddGeometry."),
                 io.Image.Input("source", tooltip="The image holding this geometry; the same size as the scene's sources."),
                 io.Mask.Input("source_mask", tooltip="1 on the geometry to transfer; binarised at 0.5. Same size as source."),
-                io.Float.Input("shift_x", default=0.0, min=-16384.0, max=16384.0, step=1.0,
-                               tooltip="Target pixels, + right. 0 keeps the mask's relative position on the target."),
-                io.Float.Input("shift_y", default=0.0, min=-16384.0, max=16384.0, step=1.0,
-                               tooltip="Target pixels, + down."),
-                io.Float.Input("scale", default=1.0, min=0.05, max=8.0, step=0.01,
-                               tooltip="Uniform scale about the centre of the mask's bounding box."),
-                io.Float.Input("rotation", default=0.0, min=-360.0, max=360.0, step=0.5,
-                               tooltip="Degrees, counter-clockwise, about the centre of the mask's bounding box."),
+                *placement_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="geometry", tooltip="Every geometry so far pasted on the target (for preview)."),
