@@ -10,7 +10,6 @@ import argparse
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +77,7 @@ def start(cpu: bool, threads: int = 0, clock_name: str = "wall"):
     if clock_name == "cpu" and (on_gpu or torch.get_num_threads() != 1):
         raise SystemExit("--clock cpu measures one thread's CPU time: use it with --cpu --threads 1")
     clock = CLOCK[clock_name]
-    if "harmonizing_attention" not in sys.modules:  # the pack as a package, without its ComfyUI __init__
-        pkg = types.ModuleType("harmonizing_attention")
-        pkg.__path__ = [str(PACK_ROOT)]
-        sys.modules["harmonizing_attention"] = pkg
+    comfy_runtime.as_package()
     import comfy.model_management
 
     return comfy.model_management.get_torch_device()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -25,10 +24,10 @@ import torch.nn.functional as F
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PACK_ROOT / "tests"))
-if "harmonizing_attention" not in sys.modules:  # the pack as a package, without its ComfyUI __init__
-    pkg = types.ModuleType("harmonizing_attention")
-    pkg.__path__ = [str(PACK_ROOT)]
-    sys.modules["harmonizing_attention"] = pkg
+sys.path.insert(0, str(PACK_ROOT / "scripts"))
+import comfy_runtime  # noqa: E402
+
+comfy_runtime.as_package()
 
 from harmonizing_attention.attention.tokens import cells, coverage  # noqa: E402
 from thin_masks import lost_and_broken, masks  # noqa: E402

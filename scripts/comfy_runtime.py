@@ -10,10 +10,21 @@ import json
 import logging
 import os
 import sys
+import types
 import uuid
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def as_package() -> None:
+    """Expose the pack as the package `harmonizing_attention` (its folder name is not an identifier) without running
+    its __init__, which registers with ComfyUI; putting the folder itself on sys.path would let its `nodes/` shadow
+    ComfyUI's `nodes.py`. For the tests, benches and scripts that import the pack's modules directly."""
+    if "harmonizing_attention" not in sys.modules:
+        pkg = types.ModuleType("harmonizing_attention")
+        pkg.__path__ = [str(PACK_ROOT)]
+        sys.modules["harmonizing_attention"] = pkg
 
 
 def find_comfyui() -> Path:

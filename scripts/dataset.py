@@ -215,12 +215,7 @@ def _write(path: Path, data: bytes) -> None:
 
 def _pack():
     """The pack as the package `harmonizing_attention` (its folder name is not an identifier)."""
-    import types
-
-    if "harmonizing_attention" not in sys.modules:
-        pkg = types.ModuleType("harmonizing_attention")
-        pkg.__path__ = [str(PACK)]
-        sys.modules["harmonizing_attention"] = pkg
+    comfy_runtime.as_package()
     from harmonizing_attention.attention import edit, region
 
     return edit, region

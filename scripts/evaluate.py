@@ -27,7 +27,6 @@ import dataclasses
 import math
 import statistics
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +59,10 @@ class Settings:
 
 def _pack():
     """The pack as the package `harmonizing_attention` (its folder name is not an identifier)."""
-    if "harmonizing_attention" not in sys.modules:
-        pkg = types.ModuleType("harmonizing_attention")
-        pkg.__path__ = [str(PACK_ROOT)]
-        sys.modules["harmonizing_attention"] = pkg
+    sys.path.insert(0, str(PACK_ROOT / "scripts"))
+    import comfy_runtime
+
+    comfy_runtime.as_package()
     import harmonizing_attention.attention.metrics as metrics
     from harmonizing_attention.attention import color, edit
     from harmonizing_attention.nodes import pipeline

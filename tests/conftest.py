@@ -1,18 +1,12 @@
 """Test set-up (ComfyUI start-up is added by the harness)."""
 import sys
-import types
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PACK_ROOT / "scripts"))  # comfy_runtime, run_workflow, workflow_format
+import comfy_runtime  # noqa: E402
 
-# The pack's folder name is not a Python identifier, and its `nodes/` would shadow ComfyUI's
-# `nodes.py` if the folder were put on sys.path. Expose it as the package `harmonizing_attention`
-# instead, without running its __init__ (which registers with ComfyUI).
-if "harmonizing_attention" not in sys.modules:
-    _pkg = types.ModuleType("harmonizing_attention")
-    _pkg.__path__ = [str(PACK_ROOT)]
-    sys.modules["harmonizing_attention"] = _pkg
-
+comfy_runtime.as_package()  # the pack as `harmonizing_attention`, without its ComfyUI registration
 
 import pytest  # noqa: E402
 
