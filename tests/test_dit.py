@@ -382,7 +382,8 @@ def test_appearance_transfer_nodes_on_flux(dits):
 @pytest.mark.parametrize("name", ["flux_fill_geometry_transfer", "sd3_geometry_transfer"])
 def test_shipped_dit_workflows_run_with_tiny_models(dits, name):
     """The shipped API twins as they are, loaders swapped for the tiny Flux Fill / SD3 (comfy_server.swap_loaders),
-    ImageScale at 64 px and 1 step; the UI twins convert to them (test_pipeline checks every workflow)."""
+    ImageScale at 64 px and 1 step; the UI twins convert to them (test_pipeline checks every workflow). The saved
+    image is the detail-preserving composite: the scaled target's own pixels outside its blend band."""
     import json
 
     import comfy_server
@@ -400,6 +401,9 @@ def test_shipped_dit_workflows_run_with_tiny_models(dits, name):
     out = harness.run_prompt(prompt)
     decoded = out["11"][0]
     assert decoded.shape == (1, 64, 64, 3) and torch.isfinite(decoded).all()
+    image, band = out["22" if "flux" in name else "19"]  # the detail-preserving composite, saved
+    outside = (band == 0)[..., None].expand_as(image)
+    assert band.any() and outside.any() and torch.equal(image[outside], out["15"][0][outside])
 
 
 def test_families_the_dit_path_cannot_take_are_refused_by_name(dits):
