@@ -19,7 +19,6 @@ and no mask is passed at all, so w = 1 is the paper bit for bit.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -83,29 +82,28 @@ Refs = Optional[tuple[Ref, ...]]  # None: plain self-attention
 
 def _weights(refs: Refs, parts: Optional[list], n_row: int, n_image: Optional[int] = None
              ) -> Optional[list[tuple[int, float]]]:
-    """[(keys, w)] per part of a resolved rule ([(row, token index or None)]); None when every w is equal
+    """[(keys, w)] per part of a resolved rule ([(row, tokens)]: None for the whole row, an index tensor for a region,
+    a slice for a joint row's own text); None when every w is equal
     (the softmax is then unchanged: no bias). n_row: tokens of a whole row; n_image: the tokens a region mask
     indexes, a region's canonical base for auto (default n_row; fewer where a row also holds text tokens)."""
     if parts is None or all(ref.balance is None for ref in refs):
         return None
     balance = {(ref.row, ref.region_only): ref.balance for ref in refs}
     groups = []
-    for row, index in parts:
-        n = n_row if index is None else index.numel()
-        b = balance.get((row, index is not None))
-        groups.append((n, 1.0 if b is None else b.factor(n, n_image or n_row, index is not None)))
+    for row, tokens in parts:
+        n = n_row if tokens is None else _count(tokens, n_row)
+        region = isinstance(tokens, torch.Tensor)
+        b = balance.get((row, region))
+        groups.append((n, 1.0 if b is None else b.factor(n, n_image or n_row, region)))
     return None if len({w for _, w in groups}) <= 1 else groups
 
 
-def _attend(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: list) -> torch.Tensor:
-    """kernel(q, k, v) for rows with weights[i] = [(keys, w)] per part or None: log(w) on those keys as the
-    kernel's mask, [rows, 1, 1, keys], in chunks of BIAS_QUERY_CHUNK queries; no mask when all are None."""
-    if all(w is None for w in weights):
+def _attend(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """kernel(q, k, v), or with `bias` ([rows, 1, 1, keys] additive logits) as the kernel's mask, in chunks of
+    BIAS_QUERY_CHUNK queries."""
+    if bias is None:
         return kernel(q, k, v)
-    bias = torch.stack([
-        k.new_zeros(k.shape[1]) if groups is None else
-        torch.cat([torch.full((n,), math.log(w), dtype=k.dtype, device=k.device) for n, w in groups])
-        for groups in weights])[:, None, None]
     out = q.new_empty(q.shape[:2] + v.shape[2:])
     for start in range(0, q.shape[1], BIAS_QUERY_CHUNK):
         chunk = slice(start, start + BIAS_QUERY_CHUNK)
@@ -113,16 +111,25 @@ def _attend(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
     return out
 
 
+def _bias(weights: list, keys: int, dtype, device) -> Optional[torch.Tensor]:
+    """[rows, 1, 1, keys]: log(w) on each group's keys, for rows with weights[i] = [(keys, w)] per part or None;
+    None when every row's is None (the kernel then gets no mask at all)."""
+    if all(w is None for w in weights):
+        return None
+    return torch.stack([
+        torch.zeros(keys, dtype=dtype, device=device) if groups is None else
+        torch.cat([torch.full((n,), math.log(w), dtype=dtype, device=device) for n, w in groups])
+        for groups in weights])[:, None, None]
+
+
 def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optional[list]:
-    """[(row, token index or None)], or None where the rule reduces to plain self-attention."""
+    """[(row, token index or None)], or None where the rule reduces to plain self-attention (regions: index tensors)."""
     if refs is None:
         return None
     parts = []
     for ref in refs:
         if ref.region_only:
             index = regions[ref.row]
-            if index.dtype == torch.bool:
-                index = index.nonzero().squeeze(1)
             if index.numel() == 0:
                 continue  # an empty region contributes no keys
             parts.append((ref.row, index))
@@ -133,82 +140,168 @@ def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optio
     return parts
 
 
-def _joint(row: int, parts: list, image: tuple[int, int], n: int, device) -> list:
-    """Parts of a joint-attention row (text and image tokens in one sequence).
+def _joint(row: int, parts: list, image: tuple[int, int], n: int) -> list:
+    """Parts of a joint-attention row (text and image tokens in one sequence), tokens as slices or indices.
 
     A whole ref is the whole row, text included, so [geo; tar] with tar == geo duplicates every key and is
-    plain attention again, as in a UNet. A region ref names image tokens (region indices count image tokens,
-    so they shift by the image span's start). A rule without the row's own whole ref still keeps its own
-    non-image tokens (its text)."""
+    plain attention again, as in a UNet. A region ref names image tokens (its indices already shifted into the
+    image span: Program). A rule without the row's own whole ref still keeps its own non-image tokens (its
+    text: the spans before and after the image)."""
     start, stop = image
-    out = [] if (row, None) in parts else [(row, torch.cat([torch.arange(0, start, device=device),
-                                                             torch.arange(stop, n, device=device)]))]
-    return out + [(r, None if index is None else index.to(device) + start) for r, index in parts]
+    own = [] if (row, None) in parts else [(row, s) for s in (slice(0, start), slice(stop, n)) if s.stop > s.start]
+    return own + parts
 
 
-def effective(refs: Sequence[Refs], regions: Optional[Mapping[int, torch.Tensor]] = None) -> bool:
-    """Whether any row's rule differs from plain self-attention (else shared_attention is the kernel itself)."""
-    return any(_resolve(r, refs[r], regions or {}) is not None for r in range(len(refs)))
-
-
-def _span(rows: list[int]):
-    """rows as a slice when they are consecutive (indexing with it is a view: no copy), else the list."""
+def _select(rows: list[int], device) -> slice | torch.Tensor:
+    """rows as a slice when consecutive (indexing with it is a view: no copy), else an index tensor on `device`
+    (made once, with the Program: indexing a CUDA tensor with a Python list copies the list from host memory on
+    every call, a sync per layer)."""
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return slice(rows[0], rows[0] + len(rows))
-    return rows
-
-
-@functools.lru_cache(maxsize=256)
-def _index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """rows as an index tensor on `device`, made once: indexing a CUDA tensor with a Python list copies the
-    list from pageable host memory on every call, which waits for the GPU's queue (a sync per layer)."""
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    span = _span(rows)
-    return t[span] if isinstance(span, slice) else t.index_select(0, _index(tuple(rows), t.device))
+def _count(tokens, n: int) -> int:
+    """How many of a row's n tokens a slice or an index tensor names."""
+    return len(range(n)[tokens]) if isinstance(tokens, slice) else tokens.numel()
 
 
-def _put(out: torch.Tensor, rows: list[int], value: torch.Tensor) -> None:
-    """out[rows] = value, without a host-to-device copy of the row list (see _index)."""
-    span = _span(rows)
-    if isinstance(span, slice):
-        out[span] = value
+def _take(t: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _put(out: torch.Tensor, rows: slice | torch.Tensor, value: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        out[rows] = value
     else:
-        out.index_copy_(0, _index(tuple(rows), out.device), value)
+        out.index_copy_(0, rows, value)
 
 
-def _gather(t: torch.Tensor, rows: list[int], resolved: list, keys: int) -> torch.Tensor:
-    """[len(rows), keys, C]: each row's parts concatenated along tokens, written once into one buffer.
+def _tokens(t: torch.Tensor, tokens) -> torch.Tensor:
+    """t[..rows.., tokens] along dim 1 (a view for a slice)."""
+    return t[:, tokens] if isinstance(tokens, slice) else t.index_select(1, tokens)
 
-    When every row of the group has the same part layout, part j of all rows is copied at once (a slice
-    when the referenced rows are consecutive, e.g. every geo row's [geo; tar]); else row by row.
-    """
-    out = t.new_empty((len(rows), keys) + tuple(t.shape[2:]))
-    layouts = {tuple(None if index is None else index.numel() for _, index in resolved[r]) for r in rows}
-    if len(layouts) == 1:
-        start = 0
-        for j, size in enumerate(next(iter(layouts))):
-            refs = [resolved[r][j][0] for r in rows]
-            indices = [resolved[r][j][1] for r in rows]
-            n = t.shape[1] if size is None else size
-            if size is None:
-                out[:, start:start + n] = _rows(t, refs)
-            elif all(r == refs[0] and index is indices[0] for r, index in zip(refs, indices, strict=True)):
-                out[:, start:start + n] = t[refs[0], indices[0]]  # one source region shared by every row
-            else:
-                for i, (r, index) in enumerate(zip(refs, indices, strict=True)):
-                    out[i, start:start + n] = t[r, index]
-            start += n
+
+@dataclass
+class _Group:
+    """Rows whose key sets have one length: one batched kernel call. `copies`: (out rows, out token span, source
+    rows, source tokens) per copy into the group's key buffer; `bias`: the balance's mask or None."""
+
+    rows: slice | torch.Tensor
+    count: int
+    keys: int
+    copies: list
+    bias: Optional[torch.Tensor]
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[count, keys, ...]: each row's parts concatenated along tokens, written once into one buffer."""
+        out = t.new_empty((self.count, self.keys) + tuple(t.shape[2:]))
+        for out_rows, span, rows, tokens in self.copies:
+            out[out_rows, span] = _tokens(_take(t, rows), tokens)
         return out
+
+
+def _copies(rows: list[int], resolved: list, n: int, device) -> tuple[int, list]:
+    """(keys, copies) of a group (see _Group). A part that every row of the group has at the same place with the
+    same tokens (a whole row, a text span, or one source region shared by every row) is copied for all rows at
+    once; else row by row."""
+    def size(tokens) -> int:
+        return n if tokens is None else _count(tokens, n)
+
+    def whole(tokens):
+        return slice(0, n) if tokens is None else tokens
+
+    layouts = {tuple(size(t) for _, t in resolved[r]) for r in rows}
+    copies, start = [], 0
+    if len(layouts) == 1:
+        for j, length in enumerate(next(iter(layouts))):
+            refs = [resolved[r][j][0] for r in rows]
+            tokens = [resolved[r][j][1] for r in rows]
+            span = slice(start, start + length)
+            if all(t is tokens[0] or (isinstance(t, slice) and t == tokens[0]) for t in tokens):
+                source = _select(refs, device) if len(set(refs)) > 1 else slice(refs[0], refs[0] + 1)
+                copies.append((slice(0, len(rows)), span, source, whole(tokens[0])))
+            else:
+                copies += [(slice(i, i + 1), span, slice(r, r + 1), whole(t))
+                           for i, (r, t) in enumerate(zip(refs, tokens, strict=True))]
+            start += length
+        return start, copies
     for i, r in enumerate(rows):
         start = 0
-        for row, index in resolved[r]:
-            n = t.shape[1] if index is None else index.numel()
-            out[i, start:start + n] = t[row] if index is None else t[row, index]
-            start += n
-    return out
+        for row, t in resolved[r]:
+            copies.append((slice(i, i + 1), slice(start, start + size(t)), slice(row, row + 1), whole(t)))
+            start += size(t)
+    return start, copies
+
+
+class Program:
+    """The rules of one attention layout resolved once: which rows run plain, which rows share a kernel call
+    (key sets of one length), what each copies into its key buffer, and its balance bias.
+
+    refs: one rule per query row; regions: row -> its region's tokens (bool [N] mask or index tensor);
+    tokens: N, the tokens of every row; image: (start, stop) for joint attention (see shared_attention).
+    The index tensors and biases are made on `device` in `dtype` here, so a call launches only its copies and
+    kernels: no host-to-device copy, no sync. A caller that meets the same layout at every layer and step
+    keeps its Program (RowPlan.program does)."""
+
+    def __init__(self, refs: Sequence[Refs], regions: Optional[Mapping[int, torch.Tensor]], tokens: int,
+                 device, dtype, image: Optional[tuple[int, int]] = None):
+        shift = 0 if image is None else image[0]
+        indices: dict[int, torch.Tensor] = {}  # one index tensor per region tensor (rows may share a region)
+
+        def index(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in indices:
+                indices[id(t)] = (t.nonzero().squeeze(1) if t.dtype == torch.bool else t).to(device) + shift
+            return indices[id(t)]
+
+        regions = {row: index(t) for row, t in (regions or {}).items()}
+        self.rows = len(refs)
+        resolved = [_resolve(r, refs[r], regions) for r in range(self.rows)]
+        self.effective = any(parts is not None for parts in resolved)
+        if image is not None:
+            resolved = [None if parts is None else _joint(r, parts, image, tokens)
+                        for r, parts in enumerate(resolved)]
+        plain = [r for r, parts in enumerate(resolved) if parts is None]
+        self.plain = _select(plain, device) if plain else None
+        self.plain_rows = len(plain)
+        by_length: dict[int, list[int]] = {}
+        for r, parts in enumerate(resolved):
+            if parts is not None:
+                length = sum(tokens if t is None else _count(t, tokens) for _, t in parts)
+                by_length.setdefault(length, []).append(r)
+        n_image = None if image is None else image[1] - image[0]
+        weights = [_weights(refs[r], parts, tokens, n_image) for r, parts in enumerate(resolved)]
+        self.reports = [(r, w) for r, w in enumerate(weights) if w is not None]
+        self.groups = []
+        for rows in by_length.values():
+            keys, copies = _copies(rows, resolved, tokens, device)
+            self.groups.append(_Group(_select(rows, device), len(rows), keys, copies,
+                                      _bias([weights[r] for r in rows], keys, dtype, device)))
+
+    def keys(self, tokens: int) -> int:
+        """Keys over all rows (for FLOP counts): plain rows `tokens` each."""
+        return self.plain_rows * tokens + sum(g.count * g.keys for g in self.groups)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Kernel,
+                 ref_kernel: Optional[Kernel] = None, base: Optional[torch.Tensor] = None,
+                 report: Optional[Callable[[int, list[tuple[int, float]]], None]] = None) -> torch.Tensor:
+        if q.shape[0] != self.rows:
+            raise ValueError(f"{self.rows} attention rules for a batch of {q.shape[0]} rows")
+        if not self.effective:
+            return kernel(q, k[: self.rows], v[: self.rows]) if base is None else base
+        if base is not None:
+            out = base.clone()
+        else:
+            out = q.new_empty(q.shape[:2] + v.shape[2:])
+            if self.plain is not None:
+                _put(out, self.plain, kernel(_take(q, self.plain), _take(k, self.plain), _take(v, self.plain)))
+        for group in self.groups:
+            _put(out, group.rows, _attend(ref_kernel or kernel, _take(q, group.rows), group.gather(k),
+                                          group.gather(v), group.bias))
+        if report is not None:
+            for r, groups in self.reports:
+                report(r, groups)
+        return out
 
 
 def shared_attention(
@@ -223,7 +316,7 @@ def shared_attention(
     report: Optional[Callable[[int, list[tuple[int, float]]], None]] = None,
     image: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """Attention where row r's keys/values are those named by refs[r].
+    """Attention where row r's keys/values are those named by refs[r] (a Program built for this one call).
 
     q: [R, N, C]; k, v: [R + E, N, C], rows R.. being reference-only rows (no query, e.g. recorded in
     another pass: trajectory.py); refs: one entry per row of q; regions: row -> its region's tokens, as a bool [N]
@@ -241,37 +334,7 @@ def shared_attention(
     """
     if len(refs) != q.shape[0]:
         raise ValueError(f"{len(refs)} attention rules for a batch of {q.shape[0]} rows")
-    resolved = [_resolve(r, refs[r], regions or {}) for r in range(q.shape[0])]
-    if all(parts is None for parts in resolved):
-        return kernel(q, k[: q.shape[0]], v[: q.shape[0]]) if base is None else base
-    if image is not None:
-        resolved = [None if parts is None else _joint(r, parts, image, k.shape[1], k.device)
-                    for r, parts in enumerate(resolved)]
-
-    ref_kernel = ref_kernel or kernel
-    plain = [r for r, parts in enumerate(resolved) if parts is None]
-    if base is not None:
-        out = base.clone()
-    else:
-        out = q.new_empty(q.shape[:2] + v.shape[2:])
-        if plain:
-            _put(out, plain, kernel(_rows(q, plain), _rows(k, plain), _rows(v, plain)))
-    # rows whose key sets have the same length run as one batched kernel call
-    groups: dict[int, list[int]] = {}
-    for r, parts in enumerate(resolved):
-        if parts is not None:
-            length = sum(k.shape[1] if index is None else index.numel() for _, index in parts)
-            groups.setdefault(length, []).append(r)
-    n_image = None if image is None else image[1] - image[0]
-    weights = [_weights(refs[r], parts, k.shape[1], n_image) for r, parts in enumerate(resolved)]
-    for keys, rows in groups.items():
-        k_cat = _gather(k, rows, resolved, keys)  # [len(rows), keys, C]
-        v_cat = _gather(v, rows, resolved, keys)
-        _put(out, rows, _attend(ref_kernel, _rows(q, rows), k_cat, v_cat, [weights[r] for r in rows]))
-    for r, groups_of_r in enumerate(weights):
-        if report is not None and groups_of_r is not None:
-            report(r, groups_of_r)
-    return out
+    return Program(refs, regions, k.shape[1], k.device, k.dtype, image)(q, k, v, kernel, ref_kernel, base, report)
 
 
 def reference_attention(q, k, v, heads: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

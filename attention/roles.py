@@ -18,6 +18,7 @@ row (see kv.Ref) given the layer, and each row's region tokens at the layer's re
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -25,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .kv import Balance, Kernel, Ref, Refs, contrast_attention
+from .kv import Balance, Kernel, Program, Ref, Refs, contrast_attention
 from .tokens import region_tokens
 from .trajectory import Replayer, Trajectory
 
@@ -78,6 +79,7 @@ class RowPlan:
     record: Optional[Trajectory] = None
     replay: Optional[Replayer] = None
     _tokens: dict = field(default_factory=dict, repr=False)
+    _programs: dict = field(default_factory=dict, repr=False)
     _balance_seen: dict = field(default_factory=dict, repr=False)
 
     def ref_kernel(self, heads: int) -> Optional[Kernel]:
@@ -95,6 +97,28 @@ class RowPlan:
             masks = region_tokens(self.regions, h, w)
             self._tokens[key] = {row: m.nonzero().squeeze(1).to(device) for row, m in enumerate(masks)}
         return self._tokens[key]
+
+    def program(self, layer: Layer, h: int, w: int, chunks: int, tokens: int, device, dtype,
+                image: Optional[tuple[int, int]] = None, recorded: tuple[tuple[int, ...], ...] = ()) -> Program:
+        """The kv.Program of one attention call at an (h, w) layer, built once per layout: a batch of `chunks`
+        cond/uncond chunks of this plan's rows (chunk c's rules shifted to its rows), `tokens` per row,
+        `image` a joint attention's image span (kv.shared_attention). recorded: per chunk, the region lengths of
+        the recorded rows a replay appended after the batch (chunk c's S rows from chunks * rows + c * S on);
+        a rule's Ref(rows + s) names recorded row s of its own chunk, its region tokens only."""
+        rules = tuple(self.rules(layer))
+        key = (rules, h, w, chunks, tokens, str(device), dtype, image, recorded)
+        program = self._programs.get(key)
+        if program is None:
+            rows, first = self.rows, chunks * self.rows
+            regions = {c * rows + j: t for c in range(chunks) for j, t in self.region_tokens(h, w, device).items()}
+            for c, lengths in enumerate(recorded):
+                for s, n in enumerate(lengths):
+                    regions[first + c * len(lengths) + s] = torch.arange(n, device=device)
+            per_chunk = [_shift(rules[j], c * rows, rows if recorded else None,
+                                first + c * len(recorded[c]) if recorded else 0)
+                         for c in range(chunks) for j in range(rows)]
+            program = self._programs[key] = Program(per_chunk, regions, tokens, device, dtype, image)
+        return program
 
     def balance_recorder(self, layer: Layer, h: int, w: int):
         """kv.shared_attention's `report` for one layer call (None unless report_balance)."""
@@ -114,6 +138,14 @@ class RowPlan:
             parts = ", ".join(f"{n} keys w={wt:.3g} ({100 * n * wt / total:.1f}%)" for n, wt in groups)
             lines.append(f"{stage} {w}x{h} row {row}: {parts}")
         return lines
+
+
+def _shift(refs: Refs, offset: int, rows: Optional[int] = None, recorded: int = 0) -> Refs:
+    """refs of a chunk's row, shifted by `offset`; refs to recorded rows (row >= rows) moved to `recorded` on."""
+    if refs is None:
+        return None
+    return tuple(dataclasses.replace(r, row=r.row + offset) if rows is None or r.row < rows
+                 else dataclasses.replace(r, row=recorded + r.row - rows, region_only=True) for r in refs)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ model-agnostic hooks and no class or forward of the model:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -35,7 +34,6 @@ import comfy.model_base
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
-from ..attention.kv import Refs, effective, shared_attention
 from ..attention.roles import Layer, RowPlan
 
 
@@ -112,14 +110,6 @@ def is_inpainting(model) -> bool:
     return tuple(getattr(model.model, "concat_keys", ())) == ("mask", "masked_image")
 
 
-def _shift(refs: Refs, offset: int, rows: int | None = None, recorded: int = 0) -> Refs:
-    """refs of a chunk's row, shifted by `offset`; refs to recorded rows (row >= rows) moved to `recorded` on."""
-    if refs is None:
-        return None
-    return tuple(dataclasses.replace(r, row=r.row + offset) if rows is None or r.row < rows
-                 else dataclasses.replace(r, row=recorded + r.row - rows, region_only=True) for r in refs)
-
-
 def schedule_position(extra_options) -> float | None:
     """Position of the current sigma in the schedule being sampled, 0 .. 1 (exclusive)."""
     sigmas, schedule = extra_options.get("sigmas"), extra_options.get("sample_sigmas")
@@ -139,9 +129,29 @@ def _downscale(latent_hw, layer_hw) -> int:
     return d
 
 
+class _PerCall:
+    """Host-side values of one model call, worked out once per call: reading a GPU tensor's value syncs the GPU,
+    so per layer it would sync once per layer. Keyed by the call's sigmas tensor, which every layer of a call
+    shares (and which is held here, so a later call's tensor cannot take its place in memory)."""
+
+    def __init__(self):
+        self._sigmas, self._values = None, {}
+
+    def get(self, options, name: str, compute):
+        sigmas = options.get("sigmas")
+        if sigmas is not self._sigmas:
+            self._sigmas, self._values = sigmas, {}
+        if name not in self._values:
+            self._values[name] = compute()
+        return self._values[name]
+
+
 def make_replace(plan: RowPlan, previous=None):
+    per_call = _PerCall()
+
     def attn1_replace(q, k, v, extra_options):
-        chunks = len(extra_options.get("cond_or_uncond", [0]))
+        flags = extra_options.get("cond_or_uncond", [0])
+        chunks = len(flags)
         rows, rest = divmod(q.shape[0], chunks)
         if rest or rows != plan.rows:
             raise RuntimeError(
@@ -153,16 +163,14 @@ def make_replace(plan: RowPlan, previous=None):
         layer = Layer(
             stage=extra_options["block"][0],
             downscale=_downscale(extra_options["original_shape"][-2:], (h, w)),
-            step=schedule_position(extra_options) if plan.needs_step else None,
+            step=per_call.get(extra_options, "step", lambda: schedule_position(extra_options)) if plan.needs_step else None,
         )
-        rules = list(plan.rules(layer))
-        tokens = plan.region_tokens(h, w, q.device)
-        regions = {c * rows + j: t for c in range(chunks) for j, t in tokens.items()}
         if plan.record is not None or plan.replay is not None:
-            flags, sigmas = extra_options.get("cond_or_uncond", [0]), extra_options["sigmas"].reshape(-1)
+            sigmas = per_call.get(extra_options, "sigmas", lambda: extra_options["sigmas"].reshape(-1).tolist())
             keys = [(tuple(extra_options["block"]), extra_options.get("block_index", 0),
-                     float(sigmas[min(c * rows, len(sigmas) - 1)]), flags[c]) for c in range(chunks)]
+                     sigmas[min(c * rows, len(sigmas) - 1)], flags[c]) for c in range(chunks)]
         if plan.record is not None:
+            tokens = plan.region_tokens(h, w, q.device)
             for c, key in enumerate(keys):
                 plan.record.record(key, k[c * rows:(c + 1) * rows], v[c * rows:(c + 1) * rows],
                                    [tokens[j] for j in range(rows)])
@@ -173,19 +181,14 @@ def make_replace(plan: RowPlan, previous=None):
                                        transformer_options=extra_options, **mask)
 
         base = previous(q, k, v, extra_options) if previous is not None else None
+        recorded = ()
         if plan.replay is not None:  # recorded rows after the batch's: chunk c's at q.shape[0] + c * recorded
-            recorded = [plan.replay.rows(key, k.shape[1], k.device) for key in keys]
-            per_chunk = recorded[0][0].shape[0]
-            for c, (_, _, lengths) in enumerate(recorded):
-                for s, n in enumerate(lengths):
-                    regions[q.shape[0] + c * per_chunk + s] = torch.arange(n, device=q.device)
-            rules = [_shift(rules[j], c * rows, rows, q.shape[0] + c * per_chunk) for c in range(chunks) for j in range(rows)]
-            k = torch.cat([k, *(r[0] for r in recorded)])
-            v = torch.cat([v, *(r[1] for r in recorded)])
-        else:
-            rules = [_shift(rules[j], c * rows) for c in range(chunks) for j in range(rows)]
-        return shared_attention(q, k, v, rules, kernel, regions, ref_kernel=plan.ref_kernel(heads), base=base,
-                                report=plan.balance_recorder(layer, h, w))
+            replayed = [plan.replay.rows(key, k.shape[1], k.device) for key in keys]
+            recorded = tuple(tuple(lengths) for _, _, lengths in replayed)
+            k = torch.cat([k, *(r[0] for r in replayed)])
+            v = torch.cat([v, *(r[1] for r in replayed)])
+        program = plan.program(layer, h, w, chunks, k.shape[1], k.device, k.dtype, recorded=recorded)
+        return program(q, k, v, kernel, plan.ref_kernel(heads), base, plan.balance_recorder(layer, h, w))
 
     return attn1_replace
 
@@ -277,6 +280,7 @@ def _split(dit: _Dit, call: DitCall, tokens: int) -> tuple[tuple[int, int], tupl
 
 def _override(dit: _Dit):
     plan = dit.plan
+    per_call = _PerCall()
 
     def override(func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
@@ -306,12 +310,9 @@ def _override(dit: _Dit):
                 "(e.g. a batch split or repeat): sample with the pack's own nodes.")
         image, (h, w) = _split(dit, call, tokens)
         layer = Layer(stage="output", downscale=1,
-                      step=schedule_position(options) if plan.needs_step else None)
-        rules = list(plan.rules(layer))
-        rules = [_shift(rules[j], c * rows) for c in range(chunks) for j in range(rows)]
-        tokens_of = plan.region_tokens(h, w, q.device)
-        regions = {c * rows + j: t for c in range(chunks) for j, t in tokens_of.items()}
-        if not effective(rules, regions):
+                      step=per_call.get(options, "step", lambda: schedule_position(options)) if plan.needs_step else None)
+        program = plan.program(layer, h, w, chunks, tokens, q.device, k4.dtype, image=image)
+        if not program.effective:
             return host(*args, **kwargs)
         if rest.get("mask") is not None:
             raise RuntimeError("Harmonizing Attention cannot combine its rules with an attention mask in the "
@@ -334,8 +335,7 @@ def _override(dit: _Dit):
         if dit.previous is not None:
             base = dit.previous(func, *args, **kwargs)
             base = base.transpose(1, 2) if out_4d else base.unflatten(-1, (heads, -1))
-        out = shared_attention(q4, k4, v4, rules, kernel, regions, ref_kernel=ref_kernel, base=base, image=image,
-                               report=plan.balance_recorder(layer, h, w))
+        out = program(q4, k4, v4, kernel, ref_kernel, base, plan.balance_recorder(layer, h, w))
         return out.transpose(1, 2) if out_4d else out.flatten(2)
 
     return override

@@ -193,6 +193,46 @@ def test_cond_uncond_chunks_map_rows_to_roles(unet):
         replace(*calls[0][:3], {**bad, "cond_or_uncond": [1, 0, 0, 0]})
 
 
+def test_patch_resolves_each_layout_once(unet, monkeypatch):
+    """Rules are resolved (index tensors, groups, biases) once per layout, i.e. per layer resolution and
+    cond/uncond chunking: not at every layer call or every step. A second batch with the same layout and other
+    values makes no new Program and gives what a freshly resolved plan gives."""
+    from harmonizing_attention.attention import kv
+    from harmonizing_attention.nodes.patch import apply_plan
+
+    model, context_dim, sizes, blocks = unet
+    layout = PairLayout(1, 1)
+    mask = torch.zeros(layout.generation_rows, 128, 128)
+    mask[0, 20:70, 64:100] = 1
+    built = []
+    original = kv.Program.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(args[2])  # tokens per row: one Program per layer resolution
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(kv.Program, "__init__", counting)
+    plan = RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout), regions=mask)
+    patched = apply_plan(model, plan)
+    torch.manual_seed(7)
+    outs = []
+    for step in range(3):
+        x = torch.randn(2 * layout.generation_rows, 4, 16, 16)
+        context = torch.randn(2 * layout.generation_rows, 77, context_dim)
+        to = {**patched.model_options["transformer_options"], "cond_or_uncond": [1, 0]}
+        with torch.no_grad():
+            outs.append(patched.model.apply_model(x, torch.full((x.shape[0],), 900.0 - 300 * step),
+                                                  c_crossattn=context, transformer_options=to))
+    assert sorted(built) == sorted(h * w for h, w in sizes)  # one per resolution, over 3 steps x all blocks
+    fresh = apply_plan(model, RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout),
+                                      regions=mask))
+    with torch.no_grad():
+        again = fresh.model.apply_model(x, torch.full((x.shape[0],), 300.0), c_crossattn=context,
+                                        transformer_options={**fresh.model_options["transformer_options"],
+                                                             "cond_or_uncond": [1, 0]})
+    assert torch.equal(again, outs[-1])
+
+
 def _unet_out(model, x, context):
     to = dict(model.model_options["transformer_options"])  # the UNet writes into it, as in sampling
     with torch.no_grad():
