@@ -394,7 +394,8 @@ class AddGeometry(io.ComfyNode):
                              "or one per target")
         placement = edit.Placement(shift_x=shift_x, shift_y=shift_y, scale=scale, rotation=rotation)
         scene = pipeline.add_geometry(scene, source.to(scene.source), source_mask.to(scene.source_mask), placement)
-        return io.NodeOutput(scene.geometry, scene.geometry_mask, scene)
+        return io.NodeOutput(scene.geometry, scene.geometry_mask, scene,
+                             ui=placement_view.ui_output(source, source_mask, scene.target))
 
 
 NODES = [GeometryImageEdit, ColorShift, TextureAligningInversion, LatentBlend, GeometryPreservingSampler, AddGeometry]

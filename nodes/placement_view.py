@@ -1,5 +1,5 @@
-"""HA_GeometryImageEdit's inputs for its placement view (web/placement.js) after a run: the first source,
-binarized source mask and target as temp PNGs under the ui key "ha_placement" (not "images", so the frontend
+"""The inputs of HA_GeometryImageEdit's and HA_AddGeometry's placement view (web/placement.js) after a run: the
+first source, binarized source mask and target as temp PNGs under the ui key "ha_placement" (not "images", so the frontend
 does not draw them as the node's preview). The view reads them when no LoadImage / LoadImageMask feeds the node.
 """
 from __future__ import annotations

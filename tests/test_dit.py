@@ -382,7 +382,7 @@ def test_appearance_transfer_nodes_on_flux(dits):
 @pytest.mark.parametrize("name", ["flux_fill_geometry_transfer", "sd3_geometry_transfer"])
 def test_shipped_dit_workflows_run_with_tiny_models(dits, name):
     """The shipped API twins as they are, loaders swapped for the tiny Flux Fill / SD3 (comfy_server.swap_loaders),
-    ImageScale at 64 px and 1 step; the UI twins convert to them (test_pipeline checks every workflow). The saved
+    ImageScale at 64 px (the composite's band scaled with it) and 1 step; the UI twins convert to them (test_pipeline checks every workflow). The saved
     image is the detail-preserving composite: the scaled target's own pixels outside its blend band."""
     import json
 
@@ -398,6 +398,8 @@ def test_shipped_dit_workflows_run_with_tiny_models(dits, name):
             node["inputs"].update(width=64, height=64)
         if node["class_type"] == "HA_TextureAligningInversion":
             node["inputs"].update(steps=1, renoise_iterations=1)
+        if node["class_type"] == "HA_DetailPreservingComposite":  # its 1024 px band would cover a 64 px image
+            node["inputs"].update(feather=2.0, levels=2)
     out = harness.run_prompt(prompt)
     decoded = out["11"][0]
     assert decoded.shape == (1, 64, 64, 3) and torch.isfinite(decoded).all()

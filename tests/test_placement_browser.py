@@ -27,6 +27,8 @@ MATH_JS = comfy_server.PACK_ROOT / "web" / "placement_math.js"
 SCREENSHOT = comfy_server.PACK_ROOT / "docs" / "placement_view.png"
 WORKFLOW = WORKFLOWS / "geometry_transfer.json"
 EDIT = 6  # HA_GeometryImageEdit in the shipped workflow
+MULTI = WORKFLOWS / "multi_geometry_transfer.json"
+ADD = 14  # the first HA_AddGeometry of the shipped multi-geometry workflow
 
 VIEW = "(id) => window.app.graph.getNodeById(id).haPlacement.describe()"
 WIDGETS = """(id) => Object.fromEntries(window.app.graph.getNodeById(id).widgets
@@ -245,6 +247,56 @@ def test_gestures_write_the_widgets_and_the_run_matches_the_view(browser_page, a
     assert _angle_diff(_orientation(m_geo), (_orientation(m_src) + p["rotation"]) % 180) < 6, p
     # and the view is where the executed node put its ui images (the last-run fallback)
     assert {i["role"] for i in entry["outputs"][str(EDIT)]["ha_placement"]} == {"source", "source_mask", "target"}
+
+
+def _saved_mask(app_server, entry, node: str) -> np.ndarray:
+    from PIL import Image
+
+    item = entry["outputs"][node]["images"][0]
+    with Image.open(app_server.base / "output" / item["subfolder"] / item["filename"]) as im:
+        return np.asarray(im.convert("L")) >= 128
+
+
+def test_add_geometry_has_the_view_on_its_scene_target(browser_page, app_server):
+    """HA_AddGeometry has the same view: its own source and mask over the target its scene chain starts from (the
+    HA_GeometryImageEdit's LoadImage); a drag writes its four widgets, and the run puts its geometry where the view
+    showed it. Its patch (scale 0.3) is so small on screen that its anchor lies within a corner handle's reach:
+    pressing on the anchor still moves it."""
+    page = browser_page
+    drop_workflow(page, MULTI, name="multi_geometry_placement.json")
+    _show_node(page, ADD, scale=1.25)
+    view = _ready(page, ADD)
+    assert view["target"] == {"width": 64, "height": 64} and view["source"] == {"width": 64, "height": 64}
+    k = view["clientPerTargetPx"]
+    before = page.evaluate(WIDGETS, ADD)
+    _drag(page, view["anchor"], (view["anchor"][0] - 3 * k, view["anchor"][1] + 2 * k))
+    values = page.evaluate(WIDGETS, ADD)
+    assert abs(values["shift_x"] - (before["shift_x"] - 3)) <= 1 and abs(values["shift_y"] - (before["shift_y"] + 2)) <= 1
+    assert (values["scale"], values["rotation"]) == (before["scale"], before["rotation"]), (before, values)
+    assert page.evaluate(WIDGETS, EDIT) != values  # the first geometry's widgets are its own
+
+    prompt = api_prompt(page)
+    assert {prompt[str(ADD)]["inputs"][n] for n in ("shift_x", "shift_y")} == {values["shift_x"], values["shift_y"]}
+    graph = {key: prompt[key] for key in ("3", "4", "5", str(EDIT), str(ADD))}
+    for out, (node, slot) in {"20": (str(ADD), 1), "22": (str(EDIT), 1)}.items():
+        graph[out] = {"class_type": "MaskToImage", "inputs": {"mask": [node, slot]}}
+        graph[str(int(out) + 1)] = {"class_type": "SaveImage",
+                                    "inputs": {"images": [out, 0], "filename_prefix": f"ha_placement/add_{out}"}}
+    entry = app_server.run(graph, timeout=60)
+    assert error_of(entry) is None, error_of(entry)
+    added = _saved_mask(app_server, entry, "21") & ~_saved_mask(app_server, entry, "23")  # union minus the first
+    from PIL import Image
+
+    with Image.open(app_server.base / "input" / prompt["4"]["inputs"]["image"]) as im:
+        channel = {"red": 0, "green": 1, "blue": 2, "alpha": 3}[prompt["4"]["inputs"]["channel"]]
+        m_src = np.asarray(im.convert("RGBA"))[..., channel] >= 128
+    ys, xs = np.nonzero(m_src)
+    shown = np.array(page.evaluate("([id, pts]) => window.app.graph.getNodeById(id).haPlacement.forward(pts)",
+                                   [ADD, np.stack([xs, ys], 1).tolist()]))
+    (gx, gy), (sx, sy) = _centroid(added), shown.mean(axis=0)
+    assert added.sum() > 0 and math.hypot(gx - sx, gy - sy) < 1.0, ((gx, gy), (sx, sy))
+    assert {i["role"] for i in entry["outputs"][str(ADD)]["ha_placement"]} == {"source", "source_mask", "target"}
+    assert page.errors == [], page.errors
 
 
 @pytest.mark.skipif(not os.environ.get("HA_UPDATE_SCREENSHOTS"), reason="set HA_UPDATE_SCREENSHOTS=1 to rewrite "

@@ -1,16 +1,18 @@
-// The placement view of HA_GeometryImageEdit: the target image with the source patch (cut by its mask)
+// The placement view of HA_GeometryImageEdit and HA_AddGeometry: the target image with the source patch (cut by its mask)
 // drawn where shift_x / shift_y / scale / rotation put it, and the outline of M_geo. Drag the patch to move
 // it, a corner handle (or the wheel over the patch) to scale, the round handle to rotate; arrow keys nudge
 // by one target pixel (Shift: ten); double-click resets. Every gesture writes those four widgets and
 // nothing else: the view itself is not serialised (not in widgets_values, not in the API prompt).
 //
-// Images: from the upstream LoadImage / LoadImageMask nodes (their files, as the nodes read them), else
-// from the node's last run (its ui output "ha_placement"), else a placeholder.
+// Images: from the upstream LoadImage / LoadImageMask nodes (their files, as the nodes read them; a
+// HA_AddGeometry's target is the one its scene chain starts from, at the HA_GeometryImageEdit), else from the
+// node's last run (its ui output "ha_placement"), else a placeholder.
 import { app } from "../../scripts/app.js"
 import { api } from "../../scripts/api.js"
 import * as M from "./placement_math.js"
 
-const NODE = "HA_GeometryImageEdit"
+const EDIT = "HA_GeometryImageEdit", ADD = "HA_AddGeometry"
+const NODES = new Set([EDIT, ADD])  // both place a source on the target with the same four widgets
 const PARAMS = ["shift_x", "shift_y", "scale", "rotation"]
 const DEFAULTS = { shift_x: 0, shift_y: 0, scale: 1, rotation: 0 }
 const ROLES = ["source", "source_mask", "target"]
@@ -60,6 +62,7 @@ function viewURL(value, type = "input") {
 }
 
 const widgetOf = (node, name) => node?.widgets?.find((w) => w.name === name)
+const typeOf = (node) => node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type
 
 /** {url, channel} of the file an input reads, when a LoadImage / LoadImageMask feeds it directly. */
 function upstream(node, inputName) {
@@ -70,9 +73,29 @@ function upstream(node, inputName) {
   if (!link || !origin || origin.mode === 2 || origin.mode === 4) return null  // missing, muted or bypassed
   const image = widgetOf(origin, "image")?.value
   if (typeof image !== "string" || !image) return null
-  const type = origin.comfyClass ?? origin.type
+  const type = typeOf(origin)
   if (type === "LoadImage") return { url: viewURL(image), channel: link.origin_slot === 1 ? "alpha" : null }
   if (type === "LoadImageMask") return { url: viewURL(image), channel: widgetOf(origin, "channel")?.value ?? "alpha" }
+  return null
+}
+
+/** The node feeding an input, unless missing, muted or bypassed. */
+function inputNode(node, inputName) {
+  const slot = (node.inputs ?? []).findIndex((input) => input.name === inputName)
+  if (slot < 0 || node.inputs[slot].link == null) return null
+  const origin = node.getInputNode?.(slot)
+  return !origin || origin.mode === 2 || origin.mode === 4 ? null : origin
+}
+
+/** {url, channel} of the target file a HA_AddGeometry's scene carries: up the chain of HA_AddGeometry nodes
+ *  to the HA_GeometryImageEdit that made the scene, then its target's LoadImage. */
+function sceneTarget(node) {
+  const seen = new Set()
+  for (let n = inputNode(node, "scene"); n && !seen.has(n); n = inputNode(n, "scene")) {
+    seen.add(n)
+    if (typeOf(n) === EDIT) return upstream(n, "target")
+    if (typeOf(n) !== ADD) return null
+  }
   return null
 }
 
@@ -142,7 +165,7 @@ class PlacementView {
   sources() {
     const out = {}
     for (const role of ROLES) {
-      const up = upstream(this.node, role)
+      const up = role === "target" && typeOf(this.node) === ADD ? sceneTarget(this.node) : upstream(this.node, role)
       if (up) out[role] = { ...up, key: `${up.url}|${up.channel}` }
       else if (this.lastRun?.[role]) out[role] = { url: this.lastRun[role], channel: role === "source_mask" ? "red" : null,
                                                   key: `${this.lastRun[role]}|run` }
@@ -253,9 +276,11 @@ class PlacementView {
   hit(pt) {
     if (!this.patch || !this.layout) return null
     const p = this.params(), H = this.handles(p)
-    const near = (q, d) => Math.hypot(pt[0] - q[0], pt[1] - q[1]) <= d
-    if (near(H.rotate, HANDLE + 4)) return "rotate"
-    if (H.corners.some((c) => near(c, HANDLE + 4))) return "scale"
+    const dist = (q) => Math.hypot(pt[0] - q[0], pt[1] - q[1])
+    if (dist(H.rotate) <= HANDLE + 4) return "rotate"
+    // a corner, unless the patch is so small on screen that the pointer is nearer its anchor: then it moves
+    const corner = Math.min(...H.corners.map(dist))
+    if (corner <= HANDLE + 4 && corner < dist(H.anchor)) return "scale"
     const P = this.patch
     const [sx, sy] = M.inverse(P.anchor, P.src, P.tgt, p, this.fromView(pt))
     const { x0, y0, x1, y1 } = P.bbox
@@ -467,7 +492,7 @@ class PlacementView {
 app.registerExtension({
   name: "harmonizing_attention.placement",
   nodeCreated(node) {
-    if ((node.constructor?.comfyClass ?? node.comfyClass ?? node.type) !== NODE || !node.addDOMWidget) return
+    if (!NODES.has(typeOf(node)) || !node.addDOMWidget) return
     const view = new PlacementView(node)
     const widget = node.addDOMWidget("placement", "ha_placement", view.element, {
       serialize: false, hideOnZoom: false, getMinHeight: () => MIN_HEIGHT,
