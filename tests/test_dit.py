@@ -382,8 +382,9 @@ def test_appearance_transfer_nodes_on_flux(dits):
 @pytest.mark.parametrize("name", ["flux_fill_geometry_transfer", "sd3_geometry_transfer"])
 def test_shipped_dit_workflows_run_with_tiny_models(dits, name):
     """The shipped API twins as they are, loaders swapped for the tiny Flux Fill / SD3 (comfy_server.swap_loaders),
-    ImageScale at 64 px (the composite's band scaled with it) and 1 step; the UI twins convert to them (test_pipeline checks every workflow). The saved
-    image is the detail-preserving composite: the scaled target's own pixels outside its blend band."""
+    ImageScale at 64 px (the composite's band scaled with it) and 1 step; the UI twins convert to them (test_pipeline
+    checks every workflow). The saved image is the detail-preserving composite: the scaled target's own pixels
+    outside its blend band."""
     import json
 
     import comfy_server
