@@ -41,7 +41,7 @@ class UnsupportedModel(ValueError):
     pass
 
 
-SUPPORTED = "SD1.x / SD2.x / SDXL UNets (and their inpainting versions), Flux.1 (dev, schnell, Fill) and SD3.x"
+SUPPORTED = "SD1.x / SD2.x / SDXL UNets (and their inpainting versions), Flux.1 (dev, schnell, Fill), Chroma and SD3.x"
 
 
 def _family(model) -> str:
@@ -49,9 +49,10 @@ def _family(model) -> str:
 
 
 def is_dit(model) -> bool:
-    """A diffusion transformer the DiT path supports: Flux.1 (plain or Fill; not its subclasses such as
-    Chroma, whose blocks differ) or SD3.x (MMDiT). Any other model is a UNet or refused."""
-    return type(model.model) in (comfy.model_base.Flux, comfy.model_base.SD3)
+    """A diffusion transformer the DiT path supports: Flux.1 (plain or Fill), Chroma (Flux's double and single
+    stream blocks, the same block patches; not Chroma Radiance, which works in pixel space) or SD3.x (MMDiT).
+    Any other model is a UNet or refused."""
+    return type(model.model) in (comfy.model_base.Flux, comfy.model_base.Chroma, comfy.model_base.SD3)
 
 
 def dit_blocks(model) -> list[tuple[str, int]]:
@@ -274,7 +275,7 @@ def _split(dit: _Dit, call: DitCall, tokens: int) -> tuple[tuple[int, int], tupl
         raise RuntimeError(
             f"Harmonizing Attention could not find the {h}x{w} image tokens of a {call.latent_hw[1]}x{call.latent_hw[0]} "
             f"latent in a joint attention of {tokens} tokens (text: {txt}): this model lays out its tokens in a way "
-            "the pack does not know. Use Flux.1 / Flux.1 Fill / SD3.x without extra token inputs.")
+            "the pack does not know. Use Flux.1 / Flux.1 Fill / Chroma / SD3.x without extra token inputs.")
     return (txt, txt + n), (h, w)
 
 

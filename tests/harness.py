@@ -307,6 +307,28 @@ def tiny_flux(seed: int = 0, in_channels: int = 16, guidance_embed: bool = False
     return _patcher(family(config), {}, seed)
 
 
+def tiny_chroma(seed: int = 0, depth: int = 1, single: int = 1):
+    """A tiny Chroma (Flux's blocks, modulation from its distilled-guidance approximator, no pooled vector) through
+    comfy.supported_models.Chroma: hidden size 64, 2 heads, 64 patchified input channels (16 latent x 2 x 2). The
+    config is built from ChromaParams' own fields, so fields a ComfyUI version adds get a value."""
+    import dataclasses
+
+    import comfy.ldm.chroma.model
+    import comfy.supported_models
+
+    config = {
+        "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": TINY_CONTEXT_DIM,
+        "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": depth, "depth_single_blocks": single,
+        "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+        "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 1,  # the approximator: 64 in = 16 + 16 + 32
+    }
+    defaults = {"txt_ids_dims": [], "vec_in_dim": None}  # latest ComfyUI's extra fields (Chroma: unused)
+    for f in dataclasses.fields(comfy.ldm.chroma.model.ChromaParams):
+        if f.name not in config and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            config[f.name] = defaults[f.name]
+    return _patcher(comfy.supported_models.Chroma(config), {}, seed)
+
+
 def tiny_sd3(seed: int = 0, self_attention_layers=(0,)):
     """A tiny SD3 MMDiT through comfy.supported_models.SD3: depth 2 (hidden 128, 2 heads of 64), the last joint block
     context-only at its output as in SD3, RMS q/k norm, and SD3.5 Medium's extra image-only self-attention

@@ -1,5 +1,5 @@
-"""Both methods on diffusion transformers: tiny random-weight Flux (plain, Fill) and SD3 (MMDiT with SD3.5 Medium's
-image-only self-attention in one block), built through ComfyUI's own supported_models classes.
+"""Both methods on diffusion transformers: tiny random-weight Flux (plain, Fill), Chroma and SD3 (MMDiT with SD3.5
+Medium's image-only self-attention in one block), built through ComfyUI's own supported_models classes.
 
 The joint-attention rule is checked in place: a recording override wraps the pack's, and every call it sees is
 compared with a naive softmax over the keys the rule names (each row: its own text, then image tokens). Identities
@@ -35,6 +35,7 @@ def dits(tiny):
         "tiny-flux": (harness.tiny_flux(seed=11, guidance_embed=True, depth=2, single=2), clip, vae),
         "tiny-flux-fill": (harness.tiny_flux(seed=12, in_channels=96, guidance_embed=True), clip, vae),
         "tiny-sd3": (harness.tiny_sd3(seed=13), clip, vae),
+        "tiny-chroma": (harness.tiny_chroma(seed=14, depth=2, single=2), clip, vae),
     }
     tiny.update(models)
     return models
@@ -49,6 +50,8 @@ def _inputs(name, rows, seed=0):
         kwargs["c_concat"] = torch.randn(rows, 80, *LATENT, generator=gen)
     if "flux" in name:
         kwargs["guidance"] = torch.full((rows,), 3.5)
+    if "chroma" in name:  # its approximator's guidance input (ComfyUI's default 0)
+        kwargs["guidance"] = torch.zeros(rows)
     return x, kwargs
 
 
@@ -108,6 +111,7 @@ def _naive(q, k, v, rules, regions, image):
     ("tiny-flux", {("double_block", 27), ("single_block", 27)}),
     ("tiny-flux-fill", {("double_block", 27), ("single_block", 27)}),
     ("tiny-sd3", {("double_block", 27), ("double_block", 20)}),  # joint attention, and image-only self-attention
+    ("tiny-chroma", {("double_block", 27), ("single_block", 27)}),
 ])
 def test_joint_attention_equals_naive_reference_at_every_block_kind(dits, name, kinds):
     """Three rows per chunk, cond and uncond batched ([1, 0]): row 0 plain, row 1 [own; row 0's image tokens in its
@@ -142,7 +146,7 @@ def test_joint_attention_equals_naive_reference_at_every_block_kind(dits, name, 
     assert seen == kinds
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-fill", "tiny-sd3"])
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-fill", "tiny-sd3", "tiny-chroma"])
 def test_identities_and_input_model_unchanged(dits, name):
     """Self-only / geometry-only modes and an empty source mask give the unpatched model bit for bit; a block window
     excluding every block too; the input MODEL keeps its options."""
@@ -357,7 +361,7 @@ def _graph(ckpt, **sampler):
     return prompt
 
 
-@pytest.mark.parametrize("ckpt", ["tiny-flux-fill", "tiny-sd3"])
+@pytest.mark.parametrize("ckpt", ["tiny-flux-fill", "tiny-sd3", "tiny-chroma"])
 def test_geometry_transfer_nodes_end_to_end_with_cfg(dits, ckpt):
     """The five nodes on a DiT, cond and uncond batched (cfg 2), a block window on the sampler."""
     out = harness.run_prompt(_graph(ckpt, cfg=2.0, dit_block_start=0.25, dit_block_end=1.0))
