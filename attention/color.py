@@ -45,8 +45,6 @@ def mean_shift(
     ring(M_geo) (target coordinates). The paper's formula is unclamped; the clamp is only there because an
     IMAGE must stay in [0,1]. a = 0 returns the geometry image unchanged without computing any ring.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"colour shift strength a must be in [0, 1], got {strength}")
     if strength == 0:
         return geometry_image.clone()
     return _eq1(geometry_image, geometry_mask, source, source_mask, target, strength, ring_width)[0].clamp(0.0, 1.0)
@@ -77,8 +75,6 @@ def regional_shift(
     the ring's first pixel) and skipped when that is zero everywhere: where the target's ring is uniform the
     result is eq. 1's, bit for bit.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"colour shift strength a must be in [0, 1], got {strength}")
     if strength == 0:
         return geometry_image.clone()
     out, m, r, target = _eq1(geometry_image, geometry_mask, source, source_mask, target, strength, ring_width)
@@ -93,6 +89,8 @@ def regional_shift(
 def _eq1(geometry_image, geometry_mask, source, source_mask, target, strength, ring_width):
     """Eq. 1 unclamped, and what the regional variant reuses: (out, M_geo [B,H,W,1], ring(M_geo) [B,H,W],
     target [B,H,W,C]), all at the common batch B."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"colour shift strength a must be in [0, 1], got {strength}")
     geometry_mask, source_mask = _batched_mask(geometry_mask), _batched_mask(source_mask)
     _check_image("geometry image", geometry_image)
     _check_same_size(geometry_image, geometry_mask, "geometry image", "geometry mask")

@@ -145,6 +145,13 @@ def _recorded_attn1_calls(model, x, context, transformer_options=None):
     return calls
 
 
+def source_box(rows: int) -> torch.Tensor:
+    """[rows, 128, 128] region masks: a 50 x 36 px box on row 0 (the source), empty elsewhere."""
+    mask = torch.zeros(rows, 128, 128)
+    mask[0, 20:70, 64:100] = 1
+    return mask
+
+
 def test_patch_equals_reference_at_every_block_resolution(unet):
     from harmonizing_attention.nodes.patch import make_replace
 
@@ -153,8 +160,7 @@ def test_patch_equals_reference_at_every_block_resolution(unet):
     torch.manual_seed(4)
     x = torch.randn(layout.generation_rows, 4, 16, 16)
     context = torch.randn(layout.generation_rows, 77, context_dim)
-    mask = torch.zeros(layout.generation_rows, 128, 128)
-    mask[0, 20:70, 64:100] = 1
+    mask = source_box(layout.generation_rows)
     plan = RowPlan(layout.generation_rows, lambda layer: geometry_preserving_rules(layout), regions=mask)
     calls = _recorded_attn1_calls(model, x, context)
     assert {tuple(extra["activations_shape"][-2:]) for *_, extra in calls} == sizes
@@ -202,8 +208,7 @@ def test_patch_resolves_each_layout_once(unet, monkeypatch):
 
     model, context_dim, sizes, blocks = unet
     layout = PairLayout(1, 1)
-    mask = torch.zeros(layout.generation_rows, 128, 128)
-    mask[0, 20:70, 64:100] = 1
+    mask = source_box(layout.generation_rows)
     built = []
     original = kv.Program.__init__
 

@@ -17,7 +17,7 @@ from harmonizing_attention.attention.roles import (
     texture_aligning_rules,
 )
 from harmonizing_attention.attention.tokens import region_tokens
-from test_attention import HEADS, _recorded_attn1_calls, unet  # noqa: F401  (unet: the per-family fixture)
+from test_attention import HEADS, _recorded_attn1_calls, source_box, unet  # noqa: F401  (unet: the per-family fixture)
 
 
 def sdpa_kernel(q, k, v, mask=None):
@@ -180,8 +180,7 @@ def test_balance_equals_biased_reference_on_every_family(unet, mode, weight):  #
     torch.manual_seed(15)
     x = torch.randn(layout.generation_rows, 4, 16, 16)
     context = torch.randn(layout.generation_rows, 77, context_dim)
-    mask = torch.zeros(layout.generation_rows, 128, 128)
-    mask[0, 20:70, 64:100] = 1
+    mask = source_box(layout.generation_rows)
     rules = geometry_preserving_rules(layout, balance=balance(mode, weight))
     plan = RowPlan(layout.generation_rows, lambda layer: rules, regions=mask, report_balance=True)
     calls = _recorded_attn1_calls(model, x, context)

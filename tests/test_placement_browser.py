@@ -162,6 +162,31 @@ def _show_node(page, node_id=EDIT, scale=1.0) -> None:
     time.sleep(0.4)
 
 
+def _saved_mask(app_server, entry, node: str) -> np.ndarray:
+    """The mask a SaveImage node of a finished run wrote (MaskToImage upstream), as bool [H, W]."""
+    from PIL import Image
+
+    item = entry["outputs"][node]["images"][0]
+    with Image.open(app_server.base / "output" / item["subfolder"] / item["filename"]) as im:
+        return np.asarray(im.convert("L")) >= 128
+
+
+def _source_mask(app_server, prompt) -> np.ndarray:
+    """The source mask file the workflow's LoadImageMask (node 4) reads, in its channel, as bool [H, W]."""
+    from PIL import Image
+
+    with Image.open(app_server.base / "input" / prompt["4"]["inputs"]["image"]) as im:
+        channel = {"red": 0, "green": 1, "blue": 2, "alpha": 3}[prompt["4"]["inputs"]["channel"]]
+        return np.asarray(im.convert("RGBA"))[..., channel] >= 128
+
+
+def _shown(page, node_id: int, mask: np.ndarray) -> np.ndarray:
+    """What the view shows: the mask's pixels (x, y) under the node's view's own transform, [n, 2] target px."""
+    ys, xs = np.nonzero(mask)
+    return np.array(page.evaluate("([id, pts]) => window.app.graph.getNodeById(id).haPlacement.forward(pts)",
+                                  [node_id, np.stack([xs, ys], 1).tolist()]))
+
+
 def test_gestures_write_the_widgets_and_the_run_matches_the_view(browser_page, app_server):
     page = browser_page
     state = drop_workflow(page, WORKFLOW, name="geometry_transfer_placement.json")
@@ -228,18 +253,9 @@ def test_gestures_write_the_widgets_and_the_run_matches_the_view(browser_page, a
     graph["21"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "ha_placement/m_geo"}}
     entry = app_server.run(graph, timeout=60)
     assert error_of(entry) is None, error_of(entry)
-    item = entry["outputs"]["21"]["images"][0]
-    from PIL import Image
-
-    with Image.open(app_server.base / "output" / item["subfolder"] / item["filename"]) as im:
-        m_geo = np.asarray(im.convert("L")) >= 128
-    with Image.open(app_server.base / "input" / prompt["4"]["inputs"]["image"]) as im:
-        channel = {"red": 0, "green": 1, "blue": 2, "alpha": 3}[prompt["4"]["inputs"]["channel"]]
-        m_src = np.asarray(im.convert("RGBA"))[..., channel] >= 128
-    # what the view shows: the source mask's pixels under the view's own transform
-    ys, xs = np.nonzero(m_src)
-    shown = np.array(page.evaluate("([id, pts]) => window.app.graph.getNodeById(id).haPlacement.forward(pts)",
-                                   [EDIT, np.stack([xs, ys], 1).tolist()]))
+    m_geo = _saved_mask(app_server, entry, "21")
+    m_src = _source_mask(app_server, prompt)
+    shown = _shown(page, EDIT, m_src)
     p = view["params"]
     (gx, gy), (sx, sy) = _centroid(m_geo), shown.mean(axis=0)
     assert math.hypot(gx - sx, gy - sy) < 1.0, ((gx, gy), (sx, sy))
@@ -247,14 +263,6 @@ def test_gestures_write_the_widgets_and_the_run_matches_the_view(browser_page, a
     assert _angle_diff(_orientation(m_geo), (_orientation(m_src) + p["rotation"]) % 180) < 6, p
     # and the view is where the executed node put its ui images (the last-run fallback)
     assert {i["role"] for i in entry["outputs"][str(EDIT)]["ha_placement"]} == {"source", "source_mask", "target"}
-
-
-def _saved_mask(app_server, entry, node: str) -> np.ndarray:
-    from PIL import Image
-
-    item = entry["outputs"][node]["images"][0]
-    with Image.open(app_server.base / "output" / item["subfolder"] / item["filename"]) as im:
-        return np.asarray(im.convert("L")) >= 128
 
 
 def test_add_geometry_has_the_view_on_its_scene_target(browser_page, app_server):
@@ -285,14 +293,7 @@ def test_add_geometry_has_the_view_on_its_scene_target(browser_page, app_server)
     entry = app_server.run(graph, timeout=60)
     assert error_of(entry) is None, error_of(entry)
     added = _saved_mask(app_server, entry, "21") & ~_saved_mask(app_server, entry, "23")  # union minus the first
-    from PIL import Image
-
-    with Image.open(app_server.base / "input" / prompt["4"]["inputs"]["image"]) as im:
-        channel = {"red": 0, "green": 1, "blue": 2, "alpha": 3}[prompt["4"]["inputs"]["channel"]]
-        m_src = np.asarray(im.convert("RGBA"))[..., channel] >= 128
-    ys, xs = np.nonzero(m_src)
-    shown = np.array(page.evaluate("([id, pts]) => window.app.graph.getNodeById(id).haPlacement.forward(pts)",
-                                   [ADD, np.stack([xs, ys], 1).tolist()]))
+    shown = _shown(page, ADD, _source_mask(app_server, prompt))
     (gx, gy), (sx, sy) = _centroid(added), shown.mean(axis=0)
     assert added.sum() > 0 and math.hypot(gx - sx, gy - sy) < 1.0, ((gx, gy), (sx, sy))
     assert {i["role"] for i in entry["outputs"][str(ADD)]["ha_placement"]} == {"source", "source_mask", "target"}

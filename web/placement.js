@@ -64,13 +64,18 @@ function viewURL(value, type = "input") {
 const widgetOf = (node, name) => node?.widgets?.find((w) => w.name === name)
 const typeOf = (node) => node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type
 
-/** {url, channel} of the file an input reads, when a LoadImage / LoadImageMask feeds it directly. */
-function upstream(node, inputName) {
+/** {origin, link} of the node feeding an input, unless missing, muted or bypassed. */
+function feeding(node, inputName) {
   const slot = (node.inputs ?? []).findIndex((input) => input.name === inputName)
   if (slot < 0 || node.inputs[slot].link == null) return null
   const link = node.getInputLink?.(slot)
   const origin = node.getInputNode?.(slot)
-  if (!link || !origin || origin.mode === 2 || origin.mode === 4) return null  // missing, muted or bypassed
+  return !link || !origin || origin.mode === 2 || origin.mode === 4 ? null : { origin, link }
+}
+
+/** {url, channel} of the file an input reads, when a LoadImage / LoadImageMask feeds it directly. */
+function upstream(node, inputName) {
+  const { origin, link } = feeding(node, inputName) ?? {}
   const image = widgetOf(origin, "image")?.value
   if (typeof image !== "string" || !image) return null
   const type = typeOf(origin)
@@ -79,19 +84,11 @@ function upstream(node, inputName) {
   return null
 }
 
-/** The node feeding an input, unless missing, muted or bypassed. */
-function inputNode(node, inputName) {
-  const slot = (node.inputs ?? []).findIndex((input) => input.name === inputName)
-  if (slot < 0 || node.inputs[slot].link == null) return null
-  const origin = node.getInputNode?.(slot)
-  return !origin || origin.mode === 2 || origin.mode === 4 ? null : origin
-}
-
 /** {url, channel} of the target file a HA_AddGeometry's scene carries: up the chain of HA_AddGeometry nodes
  *  to the HA_GeometryImageEdit that made the scene, then its target's LoadImage. */
 function sceneTarget(node) {
   const seen = new Set()
-  for (let n = inputNode(node, "scene"); n && !seen.has(n); n = inputNode(n, "scene")) {
+  for (let n = feeding(node, "scene")?.origin; n && !seen.has(n); n = feeding(n, "scene")?.origin) {
     seen.add(n)
     if (typeOf(n) === EDIT) return upstream(n, "target")
     if (typeOf(n) !== ADD) return null
