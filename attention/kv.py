@@ -80,22 +80,58 @@ class Ref:
 Refs = Optional[tuple[Ref, ...]]  # None: plain self-attention
 
 
-def _weights(refs: Refs, parts: Optional[list], n_row: int, n_image: Optional[int] = None
-             ) -> Optional[list[tuple[int, float]]]:
-    """[(keys, w)] per part of a resolved rule ([(row, tokens)]: None for the whole row, an index tensor for a region,
-    a slice for a joint row's own text); None when every w is equal
-    (the softmax is then unchanged: no bias). n_row: tokens of a whole row; n_image: the tokens a region mask
-    indexes, a region's canonical base for auto (default n_row; fewer where a row also holds text tokens)."""
-    if parts is None or all(ref.balance is None for ref in refs):
+# A part of a resolved rule: (row, kind, tokens). kind "whole": every token of the row; "before" / "after": a joint
+# row's own tokens before / after the image span (its text); "region": the tokens `tokens` names (an index tensor, or
+# a slice for a prefix of a reference-only row's tokens).
+Part = tuple[int, str, object]
+
+
+def _size(tokens) -> int:
+    """How many tokens an index tensor or a prefix slice names."""
+    return tokens.stop - tokens.start if isinstance(tokens, slice) else tokens.numel()
+
+
+def _resolve(row: int, refs: Refs, regions: Mapping[int, object]) -> Optional[list[Part]]:
+    """The parts of row's rule, or None where it reduces to plain self-attention (regions: index tensors or slices)."""
+    if refs is None:
+        return None
+    parts = []
+    for ref in refs:
+        if ref.region_only:
+            tokens = regions[ref.row]
+            if _size(tokens) == 0:
+                continue  # an empty region contributes no keys
+            parts.append((ref.row, "region", tokens))
+        else:
+            parts.append((ref.row, "whole", None))
+    if not parts or parts == [(row, "whole", None)]:
+        return None
+    return parts
+
+
+def _joint(row: int, parts: list[Part]) -> list[Part]:
+    """Parts of a joint-attention row (text and image tokens in one sequence).
+
+    A whole ref is the whole row, text included, so [geo; tar] with tar == geo duplicates every key and is
+    plain attention again, as in a UNet. A region ref names image tokens. A rule without the row's own whole ref
+    still keeps its own non-image tokens (its text: the spans before and after the image)."""
+    if (row, "whole", None) in parts:
+        return parts
+    return [(row, "before", None), (row, "after", None), *parts]
+
+
+def _weights(refs: Refs, parts: list[Part], n_image: int) -> Optional[list[float]]:
+    """w per part of a resolved rule (kv.Balance), None where no ref has a balance. n_image: the tokens a region
+    mask indexes (a row's image tokens), the canonical base of an auto balance."""
+    if all(ref.balance is None for ref in refs):
         return None
     balance = {(ref.row, ref.region_only): ref.balance for ref in refs}
-    groups = []
-    for row, tokens in parts:
-        n = n_row if tokens is None else _count(tokens, n_row)
-        region = isinstance(tokens, torch.Tensor)
-        b = balance.get((row, region))
-        groups.append((n, 1.0 if b is None else b.factor(n, n_image or n_row, region)))
-    return None if len({w for _, w in groups}) <= 1 else groups
+    weights = []
+    for row, kind, tokens in parts:
+        b = balance.get((row, kind == "region")) if kind in ("whole", "region") else None  # own text: weight 1
+        weights.append(1.0 if b is None else b.factor(_size(tokens) if kind == "region" else n_image, n_image,
+                                                      kind == "region"))
+    return weights
 
 
 def _attend(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -111,47 +147,6 @@ def _attend(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def _bias(weights: list, keys: int, dtype, device) -> Optional[torch.Tensor]:
-    """[rows, 1, 1, keys]: log(w) on each group's keys, for rows with weights[i] = [(keys, w)] per part or None;
-    None when every row's is None (the kernel then gets no mask at all)."""
-    if all(w is None for w in weights):
-        return None
-    return torch.stack([
-        torch.zeros(keys, dtype=dtype, device=device) if groups is None else
-        torch.cat([torch.full((n,), math.log(w), dtype=dtype, device=device) for n, w in groups])
-        for groups in weights])[:, None, None]
-
-
-def _resolve(row: int, refs: Refs, regions: Mapping[int, torch.Tensor]) -> Optional[list]:
-    """[(row, token index or None)], or None where the rule reduces to plain self-attention (regions: index tensors)."""
-    if refs is None:
-        return None
-    parts = []
-    for ref in refs:
-        if ref.region_only:
-            index = regions[ref.row]
-            if index.numel() == 0:
-                continue  # an empty region contributes no keys
-            parts.append((ref.row, index))
-        else:
-            parts.append((ref.row, None))
-    if not parts or parts == [(row, None)]:
-        return None
-    return parts
-
-
-def _joint(row: int, parts: list, image: tuple[int, int], n: int) -> list:
-    """Parts of a joint-attention row (text and image tokens in one sequence), tokens as slices or indices.
-
-    A whole ref is the whole row, text included, so [geo; tar] with tar == geo duplicates every key and is
-    plain attention again, as in a UNet. A region ref names image tokens (its indices already shifted into the
-    image span: Program). A rule without the row's own whole ref still keeps its own non-image tokens (its
-    text: the spans before and after the image)."""
-    start, stop = image
-    own = [] if (row, None) in parts else [(row, s) for s in (slice(0, start), slice(stop, n)) if s.stop > s.start]
-    return own + parts
-
-
 def _select(rows: list[int], device) -> slice | torch.Tensor:
     """rows as a slice when consecutive (indexing with it is a view: no copy), else an index tensor on `device`
     (made once, with the Program: indexing a CUDA tensor with a Python list copies the list from host memory on
@@ -159,11 +154,6 @@ def _select(rows: list[int], device) -> slice | torch.Tensor:
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return slice(rows[0], rows[0] + len(rows))
     return torch.tensor(rows, dtype=torch.long, device=device)
-
-
-def _count(tokens, n: int) -> int:
-    """How many of a row's n tokens a slice or an index tensor names."""
-    return len(range(n)[tokens]) if isinstance(tokens, slice) else tokens.numel()
 
 
 def _take(t: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
@@ -177,130 +167,207 @@ def _put(out: torch.Tensor, rows: slice | torch.Tensor, value: torch.Tensor) -> 
         out.index_copy_(0, rows, value)
 
 
-def _tokens(t: torch.Tensor, tokens) -> torch.Tensor:
-    """t[..rows.., tokens] along dim 1 (a view for a slice)."""
-    return t[:, tokens] if isinstance(tokens, slice) else t.index_select(1, tokens)
+def _span(t: torch.Tensor, kind: str, tokens, start: int, stop: int, reference: bool) -> torch.Tensor:
+    """The tokens of a part from rows t [rows, N, ...] (views for whole rows, text spans and slices). A batch row's
+    region indices count from the image span's start; a reference-only row's index its own tokens."""
+    if kind == "whole":
+        return t
+    if kind == "before":
+        return t[:, :start]
+    if kind == "after":
+        return t[:, stop:]
+    if isinstance(tokens, slice):
+        return t[:, tokens]
+    if not reference and (start, stop) != (0, t.shape[1]):
+        t = t[:, start:stop]
+    return t.index_select(1, tokens)
 
 
 @dataclass
+class _Part:
+    """One stretch of a group's key buffer: for each row of the group, part j of its rule. `rows` names the row
+    each group row takes it from (slice or index tensor; of the reference-only rows when `reference`), all with the
+    same `tokens`; one row shared by the whole group is taken once and expanded. Where the group's rows take
+    different tokens (regions of one size), `per_row` lists (row, tokens)."""
+
+    kind: str
+    reference: bool
+    rows: slice | torch.Tensor | None
+    tokens: object
+    expand: bool = False
+    per_row: Optional[list] = None
+
+    def size(self, n: int, start: int, stop: int, n_reference: int) -> int:
+        """Its tokens per row in a call whose rows have n tokens (image span [start, stop)) and whose reference-only
+        rows n_reference."""
+        if self.kind == "whole":
+            return n_reference if self.reference else n
+        if self.kind == "before":
+            return start
+        if self.kind == "after":
+            return n - stop
+        return _size(self.tokens if self.per_row is None else self.per_row[0][1])
+
+    def take(self, t: torch.Tensor, reference: Optional[torch.Tensor], start: int, stop: int,
+             count: int) -> torch.Tensor:
+        """[count, size, ...]: this part of every group row."""
+        source = reference if self.reference else t
+        if self.per_row is not None:
+            return torch.cat([_span(source[r], self.kind, tokens, start, stop, self.reference)
+                              for r, tokens in self.per_row])
+        part = _span(_take(source, self.rows), self.kind, self.tokens, start, stop, self.reference)
+        return part.expand(count, *part.shape[1:]) if self.expand else part
+
+
+def _same(a, b) -> bool:
+    return a is b or (isinstance(a, slice) and a == b)
+
+
 class _Group:
-    """Rows whose key sets have one length: one batched kernel call. `copies`: (out rows, out token span, source
-    rows, source tokens) per copy into the group's key buffer; `bias`: the balance's mask or None."""
+    """Rows whose rules have the same parts in the same order, each of one size: one batched kernel call on key
+    buffers made by concatenating the parts along the tokens. `weights`: per row, w per part (None: no balance)."""
 
-    rows: slice | torch.Tensor
-    count: int
-    keys: int
-    copies: list
-    bias: Optional[torch.Tensor]
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """[count, keys, ...]: each row's parts concatenated along tokens, written once into one buffer."""
-        out = t.new_empty((self.count, self.keys) + tuple(t.shape[2:]))
-        for out_rows, span, rows, tokens in self.copies:
-            out[out_rows, span] = _tokens(_take(t, rows), tokens)
-        return out
-
-
-def _copies(rows: list[int], resolved: list, n: int, device) -> tuple[int, list]:
-    """(keys, copies) of a group (see _Group). A part that every row of the group has at the same place with the
-    same tokens (a whole row, a text span, or one source region shared by every row) is copied for all rows at
-    once; else row by row."""
-    def size(tokens) -> int:
-        return n if tokens is None else _count(tokens, n)
-
-    def whole(tokens):
-        return slice(0, n) if tokens is None else tokens
-
-    layouts = {tuple(size(t) for _, t in resolved[r]) for r in rows}
-    copies, start = [], 0
-    if len(layouts) == 1:
-        for j, length in enumerate(next(iter(layouts))):
-            refs = [resolved[r][j][0] for r in rows]
-            tokens = [resolved[r][j][1] for r in rows]
-            span = slice(start, start + length)
-            if all(t is tokens[0] or (isinstance(t, slice) and t == tokens[0]) for t in tokens):
-                source = _select(refs, device) if len(set(refs)) > 1 else slice(refs[0], refs[0] + 1)
-                copies.append((slice(0, len(rows)), span, source, whole(tokens[0])))
+    def __init__(self, rows: list[int], resolved: list[list[Part]], weights: list, batch: int, device):
+        self.ids = rows
+        self.rows = _select(rows, device)
+        self.count = len(rows)
+        self.weights = None if all(w is None for w in weights) else weights
+        self.parts = []
+        for j in range(len(resolved[0])):
+            entries = [parts[j] for parts in resolved]
+            kind, reference = entries[0][1], entries[0][0] >= batch
+            sources = [row - batch if reference else row for row, _, _ in entries]
+            tokens = [t for _, _, t in entries]
+            if all(_same(t, tokens[0]) for t in tokens):
+                if len(set(sources)) == 1:
+                    self.parts.append(_Part(kind, reference, slice(sources[0], sources[0] + 1), tokens[0],
+                                            expand=self.count > 1))
+                else:
+                    self.parts.append(_Part(kind, reference, _select(sources, device), tokens[0]))
             else:
-                copies += [(slice(i, i + 1), span, slice(r, r + 1), whole(t))
-                           for i, (r, t) in enumerate(zip(refs, tokens, strict=True))]
-            start += length
-        return start, copies
-    for i, r in enumerate(rows):
-        start = 0
-        for row, t in resolved[r]:
-            copies.append((slice(i, i + 1), slice(start, start + size(t)), slice(row, row + 1), whole(t)))
-            start += size(t)
-    return start, copies
+                self.parts.append(_Part(kind, reference, None, None,
+                                        per_row=[(slice(s, s + 1), t) for s, t in zip(sources, tokens, strict=True)]))
+
+    def gather(self, t: torch.Tensor, reference: Optional[torch.Tensor], keep: list[int], start: int,
+               stop: int) -> torch.Tensor:
+        """[count, keys, ...]: each row's parts (the non-empty ones, `keep`) concatenated along the tokens."""
+        return torch.cat([self.parts[j].take(t, reference, start, stop, self.count) for j in keep], dim=1)
+
+
+def _on_device(regions: Optional[Mapping[int, object]], device) -> dict[int, object]:
+    """Row -> its region's tokens as an index tensor on `device` (from a bool mask or an index tensor; rows sharing
+    one tensor share the result) or as given (a prefix slice)."""
+    made: dict[int, object] = {}
+
+    def index(t):
+        if isinstance(t, slice):
+            return t
+        if id(t) not in made:
+            made[id(t)] = (t.nonzero().squeeze(1) if t.dtype == torch.bool else t).to(device)
+        return made[id(t)]
+
+    return {row: index(t) for row, t in (regions or {}).items()}
 
 
 class Program:
     """The rules of one attention layout resolved once: which rows run plain, which rows share a kernel call
-    (key sets of one length), what each copies into its key buffer, and its balance bias.
+    (rules with the same parts of the same sizes), which rows and tokens each part of their key buffers takes,
+    and their balance weights.
 
-    refs: one rule per query row; regions: row -> its region's tokens (bool [N] mask or index tensor);
-    tokens: N, the tokens of every row; image: (start, stop) for joint attention (see shared_attention).
-    The index tensors and biases are made on `device` in `dtype` here, so a call launches only its copies and
-    kernels: no host-to-device copy, no sync. A caller that meets the same layout at every layer and step
-    keeps its Program (RowPlan.program does)."""
+    refs: one rule per query row; rows from len(refs) on are reference-only rows (no query: `ref_k` / `ref_v` of
+    the call, e.g. recorded in another pass: trajectory.py). regions: row -> its region's tokens (bool [N] mask,
+    index tensor, or a prefix slice of a reference-only row); a batch row's regions index its image tokens.
+    n_image: the tokens a region mask indexes (an auto balance's canonical base). joint: rows also hold text
+    around their image span (see shared_attention).
 
-    def __init__(self, refs: Sequence[Refs], regions: Optional[Mapping[int, torch.Tensor]], tokens: int,
-                 device, dtype, image: Optional[tuple[int, int]] = None):
-        shift = 0 if image is None else image[0]
-        indices: dict[int, torch.Tensor] = {}  # one index tensor per region tensor (rows may share a region)
+    Nothing here depends on the number of tokens per row or on where the image span lies: a call takes them from
+    its tensors' shapes, so one Program serves every layer of its resolution, a diffusion transformer's blocks
+    whatever their text length, and under torch.compile every size is a constant of the traced call. The index
+    tensors are made on `device` here, so a call launches only its copies and kernels: no host-to-device copy, no
+    sync. A caller that meets the same layout at every layer and step keeps its Program (RowPlan.program does)."""
 
-        def index(t: torch.Tensor) -> torch.Tensor:
-            if id(t) not in indices:
-                indices[id(t)] = (t.nonzero().squeeze(1) if t.dtype == torch.bool else t).to(device) + shift
-            return indices[id(t)]
-
-        regions = {row: index(t) for row, t in (regions or {}).items()}
+    def __init__(self, refs: Sequence[Refs], regions: Optional[Mapping[int, object]], n_image: int, device,
+                 joint: bool = False):
+        regions = _on_device(regions, device)
         self.rows = len(refs)
         resolved = [_resolve(r, refs[r], regions) for r in range(self.rows)]
         self.effective = any(parts is not None for parts in resolved)
-        if image is not None:
-            resolved = [None if parts is None else _joint(r, parts, image, tokens)
-                        for r, parts in enumerate(resolved)]
+        if joint:
+            resolved = [None if parts is None else _joint(r, parts) for r, parts in enumerate(resolved)]
         plain = [r for r, parts in enumerate(resolved) if parts is None]
         self.plain = _select(plain, device) if plain else None
         self.plain_rows = len(plain)
-        by_length: dict[int, list[int]] = {}
+        by_layout: dict[tuple, list[int]] = {}
         for r, parts in enumerate(resolved):
             if parts is not None:
-                length = sum(tokens if t is None else _count(t, tokens) for _, t in parts)
-                by_length.setdefault(length, []).append(r)
-        n_image = None if image is None else image[1] - image[0]
-        weights = [_weights(refs[r], parts, tokens, n_image) for r, parts in enumerate(resolved)]
-        self.reports = [(r, w) for r, w in enumerate(weights) if w is not None]
-        self.groups = []
-        for rows in by_length.values():
-            keys, copies = _copies(rows, resolved, tokens, device)
-            self.groups.append(_Group(_select(rows, device), len(rows), keys, copies,
-                                      _bias([weights[r] for r in rows], keys, dtype, device)))
+                layout = tuple((kind, row >= self.rows, _size(t) if kind == "region" else None) for row, kind, t in parts)
+                by_layout.setdefault(layout, []).append(r)
+        self.groups = [_Group(rows, [resolved[r] for r in rows], [_weights(refs[r], resolved[r], n_image) for r in rows],
+                              self.rows, device) for rows in by_layout.values()]
+        self._shapes: dict[tuple, list] = {}
 
-    def keys(self, tokens: int) -> int:
-        """Keys over all rows (for FLOP counts): plain rows `tokens` each."""
-        return self.plain_rows * tokens + sum(g.count * g.keys for g in self.groups)
+    def _shape(self, n: int, start: int, stop: int, n_reference: int, dtype, device) -> list:
+        """Per group: (indices of its non-empty parts, bias [count, 1, 1, keys] or None, [(row, [(keys, w)])] of the
+        rows with a balance). Kept per call shape, except while torch.compile traces (the sizes are then constants
+        of the traced graph, and the bias one of its ops)."""
+        key = (n, start, stop, n_reference, dtype, device)
+        shape = None if torch.compiler.is_compiling() else self._shapes.get(key)
+        if shape is not None:
+            return shape
+        shape = []
+        for group in self.groups:
+            sizes = [part.size(n, start, stop, n_reference) for part in group.parts]
+            keep = [j for j, s in enumerate(sizes) if s > 0]
+            bias, reports = None, []
+            if group.weights is not None:
+                rows = []
+                for r, weights in zip(group.ids, group.weights, strict=True):
+                    groups = None if weights is None else [(sizes[j], weights[j]) for j in keep]
+                    if groups is not None and len({w for _, w in groups}) > 1:  # equal weights: the softmax is unchanged
+                        reports.append((r, groups))
+                        rows.append(torch.cat([torch.full((s,), math.log(w), dtype=dtype, device=device)
+                                               for s, w in groups]))
+                    else:
+                        rows.append(torch.zeros(sum(sizes), dtype=dtype, device=device))
+                if reports:
+                    bias = torch.stack(rows)[:, None, None]
+            shape.append((keep, bias, reports))
+        if not torch.compiler.is_compiling():
+            self._shapes[key] = shape
+        return shape
+
+    def keys(self, tokens: int, image: Optional[tuple[int, int]] = None) -> int:
+        """Keys over all rows (for FLOP counts) of a call with `tokens` per row: plain rows `tokens` each."""
+        start, stop = image or (0, tokens)
+        return self.plain_rows * tokens + sum(g.count * sum(p.size(tokens, start, stop, 0) for p in g.parts)
+                                              for g in self.groups)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Kernel,
                  ref_kernel: Optional[Kernel] = None, base: Optional[torch.Tensor] = None,
-                 report: Optional[Callable[[int, list[tuple[int, float]]], None]] = None) -> torch.Tensor:
+                 report: Optional[Callable[[int, list[tuple[int, float]]], None]] = None,
+                 image: Optional[tuple[int, int]] = None, ref_k: Optional[torch.Tensor] = None,
+                 ref_v: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q, k, v: [rows, N, ...] (dims 0 and 1 are indexed only); image: a joint attention's image span;
+        ref_k, ref_v: [E, M, ...], the reference-only rows."""
         if q.shape[0] != self.rows:
             raise ValueError(f"{self.rows} attention rules for a batch of {q.shape[0]} rows")
         if not self.effective:
-            return kernel(q, k[: self.rows], v[: self.rows]) if base is None else base
+            return kernel(q, k, v) if base is None else base
+        n = k.shape[1]
+        start, stop = image if image is not None else (0, n)
+        shape = self._shape(n, start, stop, 0 if ref_k is None else ref_k.shape[1], q.dtype, q.device)
         if base is not None:
             out = base.clone()
         else:
             out = q.new_empty(q.shape[:2] + v.shape[2:])
             if self.plain is not None:
                 _put(out, self.plain, kernel(_take(q, self.plain), _take(k, self.plain), _take(v, self.plain)))
-        for group in self.groups:
-            _put(out, group.rows, _attend(ref_kernel or kernel, _take(q, group.rows), group.gather(k),
-                                          group.gather(v), group.bias))
-        if report is not None:
-            for r, groups in self.reports:
-                report(r, groups)
+        for group, (keep, bias, reports) in zip(self.groups, shape, strict=True):
+            _put(out, group.rows, _attend(ref_kernel or kernel, _take(q, group.rows), group.gather(k, ref_k, keep, start, stop),
+                                          group.gather(v, ref_v, keep, start, stop), bias))
+            if report is not None:
+                for r, groups in reports:
+                    report(r, groups)
         return out
 
 
@@ -320,7 +387,8 @@ def shared_attention(
 
     q: [R, N, C]; k, v: [R + E, N, C], rows R.. being reference-only rows (no query, e.g. recorded in
     another pass: trajectory.py); refs: one entry per row of q; regions: row -> its region's tokens, as a bool [N]
-    mask or an index tensor (only rows referenced with region_only need one). `kernel` computes plain rows; `ref_kernel` (default:
+    mask or an index tensor (only rows referenced with region_only need one; a reference-only row's index its own
+    tokens). `kernel` computes plain rows; `ref_kernel` (default:
     kernel) the rows with a rule. `base`, when given, is the plain output of the whole batch already
     computed (by another patch being chained): plain rows take it as is. When no row has an
     effective rule, the result is exactly kernel(q, k, v) (or `base`). Refs with a `balance` add
@@ -334,7 +402,11 @@ def shared_attention(
     """
     if len(refs) != q.shape[0]:
         raise ValueError(f"{len(refs)} attention rules for a batch of {q.shape[0]} rows")
-    return Program(refs, regions, k.shape[1], k.device, k.dtype, image)(q, k, v, kernel, ref_kernel, base, report)
+    rows = q.shape[0]
+    extra = k.shape[0] > rows
+    program = Program(refs, regions, k.shape[1] if image is None else image[1] - image[0], k.device, image is not None)
+    return program(q, k[:rows], v[:rows], kernel, ref_kernel, base, report, image,
+                   k[rows:] if extra else None, v[rows:] if extra else None)
 
 
 def reference_attention(q, k, v, heads: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -65,8 +65,10 @@ class RowPlan:
     contrast_clip: clamp the contrasted weights to [0, 1] (the official code's variant);
     report_balance: record the balance weights each layer applied (balance_report()).
     record: store every layer call's keys/values of the rows at their region tokens (see trajectory.py);
-    replay: append recorded rows to every layer call's keys/values as reference-only rows: a rule's
-    Ref(rows + s) names recorded row s (its region tokens only, whatever region_only says).
+    replay: hand recorded rows to every layer call as reference-only rows: a rule's Ref(rows + s) names
+    recorded row s (its region tokens only, whatever region_only says).
+    The host resolves what depends on data (the schedule position, the Programs, the recorded rows) once per
+    model call, outside the layers (nodes/patch.py).
     """
 
     rows: int
@@ -98,35 +100,48 @@ class RowPlan:
             self._tokens[key] = {row: m.nonzero().squeeze(1).to(device) for row, m in enumerate(masks)}
         return self._tokens[key]
 
-    def program(self, layer: Layer, h: int, w: int, chunks: int, tokens: int, device, dtype,
-                image: Optional[tuple[int, int]] = None, recorded: tuple[tuple[int, ...], ...] = ()) -> Program:
+    def record_index(self, h: int, w: int, chunks: int, device) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(index [chunks * rows, longest region], each row's region length) of an (h, w) layer, for a recording:
+        k.gather(1, index) takes every row's region tokens first (the rest of a shorter row is padding)."""
+        key = ("record", h, w, chunks, str(device))
+        if key not in self._tokens:
+            tokens = self.region_tokens(h, w, device)
+            lengths = tuple(int(tokens[r].numel()) for r in range(self.rows))
+            index = torch.zeros(self.rows, max(lengths, default=0), dtype=torch.long, device=device)
+            for r, n in enumerate(lengths):
+                index[r, :n] = tokens[r]
+            self._tokens[key] = (index.repeat(chunks, 1), lengths)
+        return self._tokens[key]
+
+    def program(self, layer: Layer, h: int, w: int, chunks: int, device, joint: bool = False,
+                recorded: tuple[tuple[int, ...], ...] = ()) -> Program:
         """The kv.Program of one attention call at an (h, w) layer, built once per layout: a batch of `chunks`
-        cond/uncond chunks of this plan's rows (chunk c's rules shifted to its rows), `tokens` per row,
-        `image` a joint attention's image span (kv.shared_attention). recorded: per chunk, the region lengths of
-        the recorded rows a replay appended after the batch (chunk c's S rows from chunks * rows + c * S on);
+        cond/uncond chunks of this plan's rows (chunk c's rules shifted to its rows), `joint` for a joint attention
+        of text and image tokens (kv.shared_attention's image). recorded: per chunk, the region lengths of the
+        recorded rows a replay hands over as reference-only rows (chunk c's S rows from chunks * rows + c * S on);
         a rule's Ref(rows + s) names recorded row s of its own chunk, its region tokens only."""
         rules = tuple(self.rules(layer))
-        key = (rules, h, w, chunks, tokens, str(device), dtype, image, recorded)
+        key = (rules, h, w, chunks, str(device), joint, recorded)
         program = self._programs.get(key)
         if program is None:
             rows, first = self.rows, chunks * self.rows
             regions = {c * rows + j: t for c in range(chunks) for j, t in self.region_tokens(h, w, device).items()}
             for c, lengths in enumerate(recorded):
                 for s, n in enumerate(lengths):
-                    regions[first + c * len(lengths) + s] = torch.arange(n, device=device)
+                    regions[first + c * len(lengths) + s] = slice(0, n)
             per_chunk = [_shift(rules[j], c * rows, rows if recorded else None,
                                 first + c * len(recorded[c]) if recorded else 0)
                          for c in range(chunks) for j in range(rows)]
-            program = self._programs[key] = Program(per_chunk, regions, tokens, device, dtype, image)
+            program = self._programs[key] = Program(per_chunk, regions, h * w, device, joint)
         return program
 
-    def balance_recorder(self, layer: Layer, h: int, w: int):
-        """kv.shared_attention's `report` for one layer call (None unless report_balance)."""
+    def balance_recorder(self, stage: str, h: int, w: int):
+        """kv.Program's `report` for one layer call (None unless report_balance)."""
         if not self.report_balance:
             return None
 
         def record(row: int, groups: list[tuple[int, float]]):
-            self._balance_seen[(layer.stage, h, w, row % self.rows)] = tuple(groups)
+            self._balance_seen[(stage, h, w, row % self.rows)] = tuple(groups)
 
         return record
 

@@ -121,19 +121,20 @@ def attention_flops(plan, patcher, forward, size: int, rows: int) -> tuple[float
     from harmonizing_attention.attention.roles import Layer
     from harmonizing_attention.nodes.patch import dit_blocks, is_dit
 
-    cpu, dtype = torch.device("cpu"), torch.float32
+    cpu = torch.device("cpu")
     if is_dit(patcher):
         inner = patcher.model.diffusion_model.hidden_size
         h = w = -(-size // 2)
         n, text = h * w, forward.context.shape[1]
         tokens = text + n
-        program = plan.program(Layer(stage="output", downscale=1), h, w, 1, tokens, cpu, dtype, image=(text, text + n))
+        program = plan.program(Layer(stage="output", downscale=1), h, w, 1, cpu, joint=True)
         blocks = len(dit_blocks(patcher))
-        return (blocks * 4.0 * tokens * tokens * inner * rows, blocks * 4.0 * tokens * program.keys(tokens) * inner, 0.0)
+        return (blocks * 4.0 * tokens * tokens * inner * rows,
+                blocks * 4.0 * tokens * program.keys(tokens, (text, text + n)) * inner, 0.0)
     plain = patched = cross = 0.0
     for stage, h, w, inner in attention_layers(patcher, forward):
         n = h * w
-        program = plan.program(Layer(stage=stage, downscale=max(1, round(size / w))), h, w, 1, n, cpu, dtype)
+        program = plan.program(Layer(stage=stage, downscale=max(1, round(size / w))), h, w, 1, cpu)
         plain += 4.0 * n * n * inner * rows
         patched += 4.0 * n * program.keys(n) * inner
         cross += 4.0 * n * 77 * inner * rows

@@ -13,18 +13,52 @@ another node installs for one pass only (PerturbedAttentionGuidance's perturbed 
 
 Diffusion transformers (Flux, Flux Fill, SD3.x) take the DiT path (`apply_dit_plan`), through three
 model-agnostic hooks and no class or forward of the model:
-- an APPLY_MODEL wrapper gives each model call a `DitCall` holding the latent's (h, w), from which
-  the patchified token grid follows;
+- the APPLY_MODEL wrapper below gives each model call the latent's (h, w), from which the patchified token
+  grid follows;
 - a `patches_replace["dit"]` replace on each block in the layer window passes the block its place
   (`DitBlock`) in a copy of transformer_options, records the block's text length (its "txt" input;
   Flux's single blocks reuse the double blocks' one), and chains to a replace already there;
 - `transformer_options["optimized_attention_override"]` runs the rule in the joint attention of
   those blocks (the image tokens of a [text; image; ...] sequence, or a sequence of image tokens
   alone) and hands every other call to the override already installed, or to ComfyUI's kernel.
+
+Per model call, outside the layers (both paths): an APPLY_MODEL wrapper (`_model_wrapper`) runs before the
+diffusion model, hence outside a compiled one, and resolves everything that depends on data into a `ModelCall`
+in transformer_options: the rows' cond/uncond chunks (checked against the plan), the schedule position (read
+from the call's sigma: the one host sync, once per call), each attention layer's kv.Program (the mask rule's
+cells and token indices, the copy plan, the balance weights; cached per layout in the RowPlan) and, for a
+replay, the layer's recorded keys/values already on the device; after the call it files what the layers
+recorded (attention/trajectory.py). Layers are known before the call: a UNet's from its blocks (each level of
+Downsample halves the latent, rounding up: `_grid`), a DiT's token grid from its patch size. A layer call then
+reads the ModelCall and does tensor work only: no numpy, scipy, `.tolist()`, `float(tensor)` or host sync, and
+every size it branches on comes from its tensors' shapes or the ModelCall's plain Python values, so
+torch.compile traces it as one graph and guards on exactly those values. Record/replay keys each call by the
+sigma and cond/uncond flag of its chunks (read in the wrapper), and each layer by its place in the model: a
+UNet's (stage, block id, transformer index), a DiT's patches_replace["dit"] block key (its image tokens recorded).
+
+torch.compile (ComfyUI's TorchCompileModel, both versions; `_compile_for_pack`): its APPLY_MODEL wrapper swaps
+in a `torch.compile`d diffusion model whose code Dynamo reuses for any call its guards accept. ComfyUI 0.33
+compiles with a guard filter that drops every guard on transformer_options, where all of this patch's state
+lives (patches_replace, optimized_attention_override, the ModelCall): code compiled for one patch state (even
+the unpatched model) would run for another, silently. So a patched clone replaces that wrapper (under its
+key "torch.compile", on the clone only) with one that runs the pack's own compiled copy on the same modules:
+torch.compile, with the same settings (torch_compile_kwargs; a `mode` folded into inductor's options), of a
+function that calls its module argument (`_run`), with a backend of its own (inductor:
+`name="harmonizing_attention"`; Dynamo reuses compiled code only for an equal backend), its own recompile
+budget (isolate_recompiles, RECOMPILE_LIMIT) and a guard filter that keeps what the user's kept plus every guard
+on the pack's state. One copy per compile settings: the module is an input of the compiled frame, so the copy
+serves every model, pass, re-run and re-executed TorchCompileModel, and holds no model. Dynamo recompiles only
+when a guarded value changes: a new layout (model, image size, batch, cfg's chunking, the program structure when a
+region's token count changes) - never per step. Each sampling pass logs how many compilations it caused
+(`compilations()`).
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,6 +67,9 @@ import torch
 import comfy.model_base
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+from comfy.patcher_extension import WrappersMP
+from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS, apply_torch_compile_factory
 
 from ..attention.roles import Layer, RowPlan
 
@@ -79,8 +116,9 @@ def dit_blocks(model) -> list[tuple[str, int]]:
     return keys
 
 
-def self_attention_blocks(model) -> list[tuple[str, int, int]]:
-    """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them."""
+def self_attention_layers(model) -> dict[tuple[str, int, int], int]:
+    """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them -> its level: the
+    latent halved that many times (a Downsample before it in the encoder, an Upsample after it in the decoder)."""
     unet = model.get_model_object("diffusion_model")
     family = _family(model)
     if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
@@ -89,18 +127,31 @@ def self_attention_blocks(model) -> list[tuple[str, int, int]]:
             f"nor a supported diffusion transformer: Harmonizing Attention patches the self-attention of {SUPPORTED}, "
             "whose attention ComfyUI lets a node take over through its model patches. Load one of those checkpoints."
         )
-    keys = []
-    for stage, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
-        for block_id, block in enumerate(blocks):
-            for layer in block:
-                if isinstance(layer, SpatialTransformer):
-                    keys += [(stage, block_id, i) for i in range(len(layer.transformer_blocks))]
-    if not keys:
+    layers, level = {}, 0
+
+    def add(stage, block_id, block):
+        for layer in block:
+            if isinstance(layer, SpatialTransformer):
+                layers.update({(stage, block_id, i): level for i in range(len(layer.transformer_blocks))})
+
+    for block_id, block in enumerate(unet.input_blocks):
+        add("input", block_id, block)
+        level += any(isinstance(m, Downsample) for m in block.modules())
+    add("middle", 0, unet.middle_block)
+    for block_id, block in enumerate(unet.output_blocks):
+        add("output", block_id, block)
+        level -= any(isinstance(m, Upsample) for m in block.modules())
+    if not layers:
         raise UnsupportedModel(
             f"this {family} UNet ({type(unet).__name__}) has no SpatialTransformer self-attention block: nothing "
             "for Harmonizing Attention to patch. Load an SD1.x / SD2.x / SDXL checkpoint."
         )
-    return keys
+    return layers
+
+
+def self_attention_blocks(model) -> list[tuple[str, int, int]]:
+    """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them."""
+    return list(self_attention_layers(model))
 
 
 def is_inpainting(model) -> bool:
@@ -130,51 +181,153 @@ def _downscale(latent_hw, layer_hw) -> int:
     return d
 
 
-class _PerCall:
-    """Host-side values of one model call, worked out once per call: reading a GPU tensor's value syncs the GPU,
-    so per layer it would sync once per layer. Keyed by the call's sigmas tensor, which every layer of a call
-    shares (and which is held here, so a later call's tensor cannot take its place in memory)."""
-
-    def __init__(self):
-        self._sigmas, self._values = None, {}
-
-    def get(self, options, name: str, compute):
-        sigmas = options.get("sigmas")
-        if sigmas is not self._sigmas:
-            self._sigmas, self._values = sigmas, {}
-        if name not in self._values:
-            self._values[name] = compute()
-        return self._values[name]
+def _grid(latent_hw, level: int) -> tuple[int, int]:
+    """The (h, w) of a UNet layer `level` halvings (rounding up) below the latent."""
+    h, w = (int(v) for v in latent_hw)
+    for _ in range(level):
+        h, w = -(-h // 2), -(-w // 2)
+    return h, w
 
 
-def make_replace(plan: RowPlan, previous=None):
-    per_call = _PerCall()
+CALL_KEY = "harmonizing_attention_call"  # transformer_options key of the ModelCall (+ ".n" for a patch on a patch)
+BLOCK_KEY = "harmonizing_attention_block"
+WRAPPER_KEY = "harmonizing_attention"
 
-    def attn1_replace(q, k, v, extra_options):
-        flags = extra_options.get("cond_or_uncond", [0])
-        chunks = len(flags)
-        rows, rest = divmod(q.shape[0], chunks)
-        if rest or rows != plan.rows:
-            raise RuntimeError(
-                f"Harmonizing Attention expected {plan.rows} latent rows per conditioning chunk, got a "
-                f"self-attention batch of {q.shape[0]} rows in {chunks} chunk(s). A node between ours and "
-                "the sampler changed the batch (e.g. a batch split or repeat): sample with the pack's own nodes."
-            )
-        h, w = extra_options["activations_shape"][-2:]
-        layer = Layer(
-            stage=extra_options["block"][0],
-            downscale=_downscale(extra_options["original_shape"][-2:], (h, w)),
-            step=per_call.get(extra_options, "step", lambda: schedule_position(extra_options)) if plan.needs_step else None,
-        )
+
+@dataclass
+class _LayerCall:
+    """One attention layer's part of a ModelCall: its program, its (h, w) token grid, the gather index and region
+    lengths of a recording (RowPlan.record_index), and a replay's recorded keys/values (reference-only rows)."""
+
+    program: object
+    hw: tuple[int, int]
+    record: Optional[tuple[torch.Tensor, tuple[int, ...]]] = None
+    ref_k: Optional[torch.Tensor] = None
+    ref_v: Optional[torch.Tensor] = None
+
+
+class ModelCall:
+    """What the attention layers of one model call need that depends on data, resolved once, outside them.
+
+    flags: cond_or_uncond of the batch's chunks; sigmas: the call's per-row sigma (the schedule position and the
+    record/replay keys are read from it here: the call's one host sync); latent_hw: the latent's (h, w); txt: a
+    DiT's text length (its blocks update it from their "txt" input). `layer()` resolves a layer once; the model
+    wrapper resolves every layer before the call, so a layer call only reads `layers`."""
+
+    def __init__(self, plan: RowPlan, latent_hw, flags, sigmas, sample_sigmas, device, txt: Optional[int] = None):
+        self.plan, self.device, self.txt = plan, device, txt
+        self.latent_hw = tuple(int(v) for v in latent_hw)
+        self.flags = list(flags)
+        self.chunks = len(self.flags)
+        self.step = schedule_position({"sigmas": sigmas, "sample_sigmas": sample_sigmas}) if plan.needs_step else None
+        self.keys = []
         if plan.record is not None or plan.replay is not None:
-            sigmas = per_call.get(extra_options, "sigmas", lambda: extra_options["sigmas"].reshape(-1).tolist())
-            keys = [(tuple(extra_options["block"]), extra_options.get("block_index", 0),
-                     sigmas[min(c * rows, len(sigmas) - 1)], flags[c]) for c in range(chunks)]
-        if plan.record is not None:
-            tokens = plan.region_tokens(h, w, q.device)
-            for c, key in enumerate(keys):
-                plan.record.record(key, k[c * rows:(c + 1) * rows], v[c * rows:(c + 1) * rows],
-                                   [tokens[j] for j in range(rows)])
+            values = sigmas.reshape(-1).tolist()
+            self.keys = [(values[min(c * plan.rows, len(values) - 1)], self.flags[c]) for c in range(self.chunks)]
+        self.replayed = [plan.replay.next(key) for key in self.keys] if plan.replay is not None else None
+        self.recorded = {} if plan.record is not None else None  # layer -> (k, v) at the record index
+        self.layers: dict = {}
+
+    @classmethod
+    def direct(cls, plan: RowPlan, options: dict, device) -> ModelCall:
+        """The call state of a layer called with no model wrapper (a direct call of the patch: tests)."""
+        if plan.record is not None or plan.replay is not None:
+            raise RuntimeError("a recording or replaying plan needs the model wrapper apply_plan installs: sample "
+                               "the model apply_plan returns")
+        return cls(plan, options["original_shape"][-2:], options.get("cond_or_uncond", [0]), options.get("sigmas"),
+                   options.get("sample_sigmas"), device)
+
+    def check(self, batch: int, where: str) -> None:
+        if batch != self.chunks * self.plan.rows:
+            raise RuntimeError(
+                f"Harmonizing Attention expected {self.plan.rows} latent rows per conditioning chunk, got a {where} "
+                f"batch of {batch} rows in {self.chunks} chunk(s). A node between ours and the sampler changed the "
+                "batch (e.g. a batch split or repeat): sample with the pack's own nodes.")
+
+    def layer(self, key, stage: str, hw: tuple[int, int], downscale: int, joint: bool = False) -> _LayerCall:
+        """The layer `key` at an (h, w) token grid `downscale` times below the latent, resolved once per call."""
+        found = self.layers.get(key)
+        if found is None:
+            found = self.layers[key] = self._resolve(key, stage, hw, downscale, joint)
+        return found
+
+    def _resolve(self, key, stage, hw, downscale, joint) -> _LayerCall:
+        plan, (h, w) = self.plan, hw
+        ref_k = ref_v = None
+        recorded = ()
+        if self.replayed is not None:  # chunk c's recorded rows after chunk c - 1's
+            entries = [layers.get(key) for layers in self.replayed]
+            if None in entries:  # not recorded: a pass where another patch took this layer over (PAG's), or an error
+                return _LayerCall(None, hw)
+            recorded = tuple(lengths for _, _, lengths in entries)
+            ref_k = torch.cat([k for k, _, _ in entries]).to(self.device)
+            ref_v = torch.cat([v for _, v, _ in entries]).to(self.device)
+        program = plan.program(Layer(stage, downscale, self.step), h, w, self.chunks, self.device, joint, recorded)
+        record = plan.record_index(h, w, self.chunks, self.device) if plan.record is not None else None
+        return _LayerCall(program, hw, record, ref_k, ref_v)
+
+    def missing(self, key):
+        return RuntimeError(f"no recorded source keys/values for the attention layer {key}: the output pass runs "
+                            "another model than the source pass. Use the same MODEL for both.")
+
+    def close(self) -> None:
+        """After the call: file what the layers recorded, one recording per cond/uncond chunk."""
+        if self.recorded is None:
+            return
+        rows = self.plan.rows
+        for c, key in enumerate(self.keys):
+            chunk = slice(c * rows, (c + 1) * rows)
+            self.plan.record.record(key, {layer: (k[chunk], v[chunk], self.layers[layer].record[1])
+                                          for layer, (k, v) in self.recorded.items()})
+
+
+def _model_wrapper(plan: RowPlan, key: str, resolve):
+    """APPLY_MODEL wrapper: a ModelCall for each model call, every layer resolved (`resolve(call)`) before the
+    diffusion model runs, filed after it."""
+
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        txt = c_crossattn.shape[1] if c_crossattn is not None else None  # until a block reports its own
+        call = ModelCall(plan, x.shape[-2:], transformer_options.get("cond_or_uncond", [0]), t,
+                         transformer_options.get("sample_sigmas"), x.device, txt)
+        call.check(x.shape[0], "model")
+        resolve(call)
+        out = executor(x, t, c_concat, c_crossattn, control, {**transformer_options, key: call}, **kwargs)
+        call.close()
+        return out
+
+    return wrapper
+
+
+def _call_key(patched) -> str:
+    """CALL_KEY, or CALL_KEY.n on a model the pack has patched n times already (each patch reads its own)."""
+    wrappers = patched.model_options["transformer_options"].get("wrappers", {}).get(WrappersMP.APPLY_MODEL, {})
+    n = len(wrappers.get(WRAPPER_KEY, []))
+    return CALL_KEY if n == 0 else f"{CALL_KEY}.{n}"
+
+
+def _install(patched, plan: RowPlan, key: str, resolve) -> None:
+    comfy.patcher_extension.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _model_wrapper(plan, key, resolve),
+                                                 patched.model_options, is_model_options=True)
+    _compile_for_pack(patched)
+
+
+def make_replace(plan: RowPlan, previous=None, key: str = CALL_KEY):
+    def attn1_replace(q, k, v, extra_options):
+        call = extra_options.get(key)
+        if call is None:  # not through the model wrapper: resolved here, never inside a compiled model
+            call = ModelCall.direct(plan, extra_options, q.device)
+        stage, block_id = extra_options["block"]
+        h, w = extra_options["activations_shape"][-2:]
+        layer_key = (stage, block_id, extra_options.get("block_index", 0))
+        layer = call.layers.get(layer_key)
+        if layer is None:  # a direct call (the model wrapper resolved every layer)
+            layer = call.layer(layer_key, stage, (h, w), _downscale(extra_options["original_shape"][-2:], (h, w)))
+        if layer.hw != (h, w):
+            raise RuntimeError(f"Harmonizing Attention expected a {layer.hw[1]}x{layer.hw[0]} self-attention grid at "
+                               f"{layer_key}, got {w}x{h}: this UNet changes resolution in a way the pack does not know")
+        if layer.program is None:
+            raise call.missing(layer_key)
+        call.check(q.shape[0], "self-attention")
         heads = extra_options["n_heads"]
 
         def kernel(q_, k_, v_, **mask):  # mask: only a balance's bias (kv.Balance); absent otherwise
@@ -182,14 +335,11 @@ def make_replace(plan: RowPlan, previous=None):
                                        transformer_options=extra_options, **mask)
 
         base = previous(q, k, v, extra_options) if previous is not None else None
-        recorded = ()
-        if plan.replay is not None:  # recorded rows after the batch's: chunk c's at q.shape[0] + c * recorded
-            replayed = [plan.replay.rows(key, k.shape[1], k.device) for key in keys]
-            recorded = tuple(tuple(lengths) for _, _, lengths in replayed)
-            k = torch.cat([k, *(r[0] for r in replayed)])
-            v = torch.cat([v, *(r[1] for r in replayed)])
-        program = plan.program(layer, h, w, chunks, k.shape[1], k.device, k.dtype, recorded=recorded)
-        return program(q, k, v, kernel, plan.ref_kernel(heads), base, plan.balance_recorder(layer, h, w))
+        if layer.record is not None:  # [batch, longest region, C]: each row's region tokens first
+            index = layer.record[0][:, :, None].expand(-1, -1, k.shape[-1])
+            call.recorded[layer_key] = (k.gather(1, index), v.gather(1, index))
+        return layer.program(q, k, v, kernel, plan.ref_kernel(heads), base, plan.balance_recorder(stage, h, w),
+                             ref_k=layer.ref_k, ref_v=layer.ref_v)
 
     return attn1_replace
 
@@ -200,34 +350,153 @@ def apply_plan(model, plan: RowPlan, dit_window: tuple[float, float] = (0.0, 1.0
     (see apply_dit_plan); a UNet ignores it."""
     if is_dit(model):
         return apply_dit_plan(model, plan, dit_window)
-    blocks = self_attention_blocks(model)
+    layers = self_attention_layers(model)
     patched = model.clone()
+    key = _call_key(patched)
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
     done = set()
-    for stage, block_id, index in blocks:
+    for stage, block_id, index in layers:
         if (stage, block_id, index) in existing:
-            patched.set_model_attn1_replace(make_replace(plan, existing[(stage, block_id, index)]),
+            patched.set_model_attn1_replace(make_replace(plan, existing[(stage, block_id, index)], key),
                                             stage, block_id, index)
         elif (stage, block_id) not in done:
-            patched.set_model_attn1_replace(make_replace(plan, existing.get((stage, block_id))), stage, block_id)
+            patched.set_model_attn1_replace(make_replace(plan, existing.get((stage, block_id)), key), stage, block_id)
             done.add((stage, block_id))
+
+    def resolve(call: ModelCall):
+        for layer_key, level in layers.items():
+            call.layer(layer_key, layer_key[0], _grid(call.latent_hw, level), 2 ** level)
+
+    _install(patched, plan, key, resolve)
     return patched
 
 
+# ---------------------------------------------------------------- torch.compile (see the module docstring)
+
+COMPILE_NAME = "harmonizing_attention"
+RECOMPILE_LIMIT = 64  # layouts per compiled copy (a few per model, image size, batch and mode) before Dynamo runs eagerly
+_GUARDED = ("['patches_replace']", "['optimized_attention_override']", f"['{CALL_KEY}")  # the pack's state
+_copies: dict = {}  # compile settings -> (the compiled _run, its guard filter)
+_compilations = [0]  # Dynamo compilations of the pack's compiled copies in this process
+
+
+def compilations() -> int:
+    """How many times Dynamo compiled (a frame of) one of the pack's compiled copies in this process."""
+    return _compilations[0]
+
+
+def _run(module, *args, **kwargs):
+    """The frame the pack compiles: a call of `module`, an input, so one compiled copy serves every module compiled
+    with the same settings (Dynamo guards on the module's structure; its weights are graph inputs) and holds none."""
+    return module(*args, **kwargs)
+
+
+def _guard_filter(theirs):
+    """Keep what the user's guard filter keeps (all without one) and every guard on the pack's state. Dynamo calls
+    it once per compilation: the count compilations() reports."""
+
+    def keep(entries):
+        _compilations[0] += 1
+        kept = [True] * len(entries) if theirs is None else list(theirs(entries))
+        return [k or any(name in entry.name for name in _GUARDED) for entry, k in zip(entries, kept, strict=True)]
+
+    return keep
+
+
+def _compiled_copy(settings: dict, theirs) -> tuple:
+    """(torch.compile'd _run, its guard filter) for the user's compile settings and guard filter, made once."""
+    backend, mode = settings.get("backend", "inductor"), settings.get("mode")
+    options = {k: v for k, v in (settings.get("options") or {}).items() if k != "guard_filter_fn"}
+    key = (str(backend), mode, settings.get("fullgraph", False), settings.get("dynamic"), repr(sorted(options.items())),
+           theirs)
+    if key in _copies:
+        return _copies[key]
+    accepted = inspect.signature(torch.compile).parameters
+    # its own recompile budget: the user's compiled model keeps Dynamo's default one for its own layouts
+    extra = {"isolate_recompiles": True, "recompile_limit": RECOMPILE_LIMIT} if "isolate_recompiles" in accepted else {}
+    if backend == "inductor":
+        if mode not in (None, "default"):  # torch.compile takes a mode or options, and the guard filter is an option
+            from torch._inductor import list_mode_options
+
+            options = {**list_mode_options(mode, settings.get("dynamic")), **options}
+            mode = None
+        if "name" not in accepted:
+            raise UnsupportedModel(f"TorchCompileModel in front of Harmonizing Attention needs a PyTorch whose "
+                                   f"torch.compile takes name= (this is {torch.__version__}): update PyTorch, or remove "
+                                   "TorchCompileModel")
+        extra["name"] = COMPILE_NAME  # an inductor backend equal to the user's would share its compiled code
+    else:
+        if mode not in (None, "default"):
+            raise UnsupportedModel(f"a torch.compile wrapper with backend {backend!r} and mode {mode!r}: the pack "
+                                   "compiles its patched model with a guard filter of its own, which torch.compile "
+                                   "takes with a mode only for inductor. Use TorchCompileModel (inductor), or remove it")
+        from torch._dynamo.backends.registry import lookup_backend
+
+        backend = functools.partial(lookup_backend(backend))  # a backend of its own (Dynamo compares backends)
+    keep = options["guard_filter_fn"] = _guard_filter(theirs)
+    run = torch.compile(_run, backend=backend, mode=mode, options=options, fullgraph=settings.get("fullgraph", False),
+                        dynamic=settings.get("dynamic"), **extra)
+    _copies[key] = (run, keep)
+    return _copies[key]
+
+
+class _Compiled(torch.nn.Module):
+    """What the torch.compile wrapper swaps in for a module of the patched clone during a model call: the pack's
+    compiled copy run on that module, which it refers to weakly (the host keeps it alive while it is swapped out).
+    Attributes the host reads meanwhile (dtype, ...) are the module's."""
+
+    def __init__(self, module, copy: tuple):
+        super().__init__()
+        object.__setattr__(self, "_target", weakref.ref(module))
+        object.__setattr__(self, "copy", copy)  # (compiled _run, guard filter)
+
+    def forward(self, *args, **kwargs):
+        return self.copy[0](self._target(), *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_target")(), name)
+
+
+def _report_compilations(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: logs the compilations a sampling pass of the patched model caused."""
+    before = _compilations[0]
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        logging.info("Harmonizing Attention: torch.compile compiled the patched model %d time(s) in this sampling pass "
+                     "(%d in this session): once per new layout (model, image size, batch, cfg, a changed region's "
+                     "token count), none on a re-run with the same layout", _compilations[0] - before, _compilations[0])
+
+
+def _compile_for_pack(patched) -> None:
+    """Where a torch.compile wrapper (ComfyUI's TorchCompileModel) is on the model, run the pack's compiled copy of
+    its modules instead (on this clone only): see the module docstring."""
+    wrappers = patched.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)
+    if not wrappers:
+        return
+    settings = patched.model_options.get(TORCH_COMPILE_KWARGS)
+    modules = {}
+    for wrapper in wrappers:
+        try:
+            found = inspect.getclosurevars(wrapper).nonlocals.get("compiled_module_dict")
+        except TypeError:
+            found = None
+        if settings is None or not isinstance(found, dict):
+            raise UnsupportedModel(
+                "the MODEL has a torch.compile wrapper the pack does not know (not ComfyUI's TorchCompileModel): its "
+                "compiled code could run without the pack's attention. Use ComfyUI's TorchCompileModel, or remove it")
+        modules.update(found)
+    ours = {}
+    for name, module in modules.items():
+        hooks = getattr(getattr(module, "dynamo_ctx", None), "_hooks", None)  # where torch keeps the user's guard filter
+        ours[name] = _Compiled(getattr(module, "_orig_mod", module),
+                               _compiled_copy(settings, getattr(hooks, "guard_filter_fn", None)))
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY, apply_torch_compile_factory(ours))
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _report_compilations)
+
+
 # ---------------------------------------------------------------- diffusion transformers
-
-CALL_KEY = "harmonizing_attention_call"
-BLOCK_KEY = "harmonizing_attention_block"
-WRAPPER_KEY = "harmonizing_attention"
-
-
-@dataclass
-class DitCall:
-    """One model call: the latent's (h, w) and the text length (the context's, then each block's "txt")."""
-
-    latent_hw: tuple[int, int]
-    txt: Optional[int] = None
-
 
 @dataclass(frozen=True)
 class DitBlock:
@@ -243,17 +512,10 @@ class _Dit:
     previous: object = None  # the optimized_attention_override this one chains to
 
 
-def _call_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-    # the text length until a block reports its own (SD3 may prepend register tokens to the context)
-    txt = c_crossattn.shape[1] if c_crossattn is not None else None
-    options = {**transformer_options, CALL_KEY: DitCall(tuple(int(v) for v in x.shape[-2:]), txt)}
-    return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
-
-
-def _block_replace(block: DitBlock, previous):
+def _block_replace(block: DitBlock, previous, key: str):
     def replace(args, extra):
         options = dict(args.get("transformer_options") or {})
-        call = options.get(CALL_KEY)
+        call = options.get(key)
         if call is not None and args.get("txt") is not None:
             call.txt = args["txt"].shape[1]
         options[BLOCK_KEY] = block
@@ -263,7 +525,7 @@ def _block_replace(block: DitBlock, previous):
     return replace
 
 
-def _split(dit: _Dit, call: DitCall, tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def _split(dit: _Dit, call: ModelCall, tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(image span in the sequence, token grid (h, w)): the latent patchified p x p (padded up) gives
     h * w image tokens, after the block's text ([text; image; other]) or alone (image-only attention)."""
     h, w = (math.ceil(v / dit.patch) for v in call.latent_hw)
@@ -279,13 +541,12 @@ def _split(dit: _Dit, call: DitCall, tokens: int) -> tuple[tuple[int, int], tupl
     return (txt, txt + n), (h, w)
 
 
-def _override(dit: _Dit):
+def _override(dit: _Dit, key: str):
     plan = dit.plan
-    per_call = _PerCall()
 
     def override(func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
-        block, call = options.get(BLOCK_KEY), options.get(CALL_KEY)
+        block, call = options.get(BLOCK_KEY), options.get(key)
 
         def host(*a, **kw):
             return dit.previous(func, *a, **kw) if dit.previous is not None else func(*a, **kw)
@@ -294,7 +555,7 @@ def _override(dit: _Dit):
             return host(*args, **kwargs)
         q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs["heads"]
-        rest = {key: val for key, val in kwargs.items() if key != "heads"}
+        rest = {name: val for name, val in kwargs.items() if name != "heads"}
         # [B, heads, N, d] (Flux: skip_reshape) or [B, N, heads * d] (SD3; its v comes as [B, N, heads, d]),
         # as [B, N, heads, d] views
         if rest.get("skip_reshape", False):
@@ -302,18 +563,15 @@ def _override(dit: _Dit):
         else:
             q4, k4, v4 = (t.reshape(t.shape[0], t.shape[1], heads, -1) for t in (q, k, v))
         batch, tokens = q4.shape[:2]
-        chunks = len(options.get("cond_or_uncond", [0]))
-        rows, left = divmod(batch, chunks)
-        if left or rows != plan.rows:
-            raise RuntimeError(
-                f"Harmonizing Attention expected {plan.rows} latent rows per conditioning chunk, got a joint attention "
-                f"batch of {batch} rows in {chunks} chunk(s). A node between ours and the sampler changed the batch "
-                "(e.g. a batch split or repeat): sample with the pack's own nodes.")
+        call.check(batch, "joint attention")
         image, (h, w) = _split(dit, call, tokens)
-        layer = Layer(stage="output", downscale=1,
-                      step=per_call.get(options, "step", lambda: schedule_position(options)) if plan.needs_step else None)
-        program = plan.program(layer, h, w, chunks, tokens, q.device, k4.dtype, image=image)
-        if not program.effective:
+        layer = call.layers[(block.kind, block.index)]
+        if layer.program is None:
+            raise call.missing((block.kind, block.index))
+        if layer.record is not None:  # [batch, longest region, heads, d]: each row's region tokens first
+            index = layer.record[0][:, :, None, None].expand(-1, -1, *k4.shape[2:])
+            call.recorded[(block.kind, block.index)] = tuple(t[:, image[0]:image[1]].gather(1, index) for t in (k4, v4))
+        if not layer.program.effective:
             return host(*args, **kwargs)
         if rest.get("mask") is not None:
             raise RuntimeError("Harmonizing Attention cannot combine its rules with an attention mask in the "
@@ -336,7 +594,8 @@ def _override(dit: _Dit):
         if dit.previous is not None:
             base = dit.previous(func, *args, **kwargs)
             base = base.transpose(1, 2) if out_4d else base.unflatten(-1, (heads, -1))
-        out = program(q4, k4, v4, kernel, ref_kernel, base, plan.balance_recorder(layer, h, w))
+        out = layer.program(q4, k4, v4, kernel, ref_kernel, base, plan.balance_recorder("output", h, w), image=image,
+                            ref_k=layer.ref_k, ref_v=layer.ref_v)
         return out.transpose(1, 2) if out_4d else out.flatten(2)
 
     return override
@@ -354,18 +613,23 @@ def apply_dit_plan(model, plan: RowPlan, window: tuple[float, float] = (0.0, 1.0
     start, end = window
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"the DiT block window is {start}-{end}: use fractions of the depth, 0 <= start <= end <= 1")
-    keys = dit_blocks(model)
+    blocks = dit_blocks(model)
     patched = model.clone()
+    key = _call_key(patched)
     to = patched.model_options["transformer_options"]
     dit = _Dit(plan, int(getattr(model.get_model_object("diffusion_model"), "patch_size", 2)),
                previous=to.get("optimized_attention_override"))
     existing = to.get("patches_replace", {}).get("dit", {})
-    for i, key in enumerate(keys):
-        depth = i / len(keys)
-        if start <= depth < end:
-            patched.set_model_patch_replace(_block_replace(DitBlock(key[0], key[1], depth), existing.get(key)),
-                                            "dit", *key)
-    comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
-                                                 _call_wrapper, patched.model_options, is_model_options=True)
-    patched.model_options["transformer_options"]["optimized_attention_override"] = _override(dit)
+    window = [block for i, block in enumerate(blocks) if start <= i / len(blocks) < end]
+    for block in window:
+        patched.set_model_patch_replace(_block_replace(DitBlock(block[0], block[1], blocks.index(block) / len(blocks)),
+                                                       existing.get(block), key), "dit", *block)
+    patched.model_options["transformer_options"]["optimized_attention_override"] = _override(dit, key)
+
+    def resolve(call: ModelCall):  # every block: one Program (RowPlan.program's cache), its own recorded rows
+        grid = tuple(math.ceil(v / dit.patch) for v in call.latent_hw)
+        for block in window:
+            call.layer(block, "output", grid, 1, joint=True)
+
+    _install(patched, plan, key, resolve)
     return patched
