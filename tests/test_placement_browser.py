@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import time
+from pathlib import Path
 
 import comfy_server
 import numpy as np
@@ -377,11 +378,17 @@ def _screen(page, dpr: float):
     cdp.send("Emulation.setDeviceMetricsOverride", {**size, "deviceScaleFactor": dpr, "mobile": False})
     time.sleep(0.5)
     try:
-        yield
+        yield cdp
     finally:
         cdp.send("Emulation.clearDeviceMetricsOverride")
         cdp.detach()
         time.sleep(0.3)
+
+
+def _capture(cdp, clip: dict, path: Path) -> None:
+    """A PNG of `clip` (page px) at the emulated screen's resolution (Playwright's own screenshot resets it to 1x)."""
+    data = cdp.send("Page.captureScreenshot", {"format": "png", "clip": {**clip, "scale": 1}})["data"]
+    path.write_bytes(base64.b64decode(data))
 
 
 def _node_clip(page, node_id: int) -> dict:
@@ -410,14 +417,14 @@ def test_readme_screenshot(browser_page, app_server):
                                           w.value = value; w.callback?.call(w, value); };
         set(3, 'image', 'readme_crack_source.png'); set(5, 'image', 'readme_target_brick.png');
         set(6, 'shift_x', 96); set(6, 'shift_y', -64); set(6, 'scale', 1.4); set(6, 'rotation', 25);
-        const n = window.app.graph.getNodeById(6); n.setSize([400, 0]); n.setSize(n.computeSize());
+        const n = window.app.graph.getNodeById(6); n.size[0] = 400; n.setSize([400, n.computeSize()[1]]);
     }""")
-    with _screen(page, 2):
+    with _screen(page, 2) as cdp:
         _show_node(page, scale=1.0)
         _ready(page)
         time.sleep(0.5)
         SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), clip=_node_clip(page, EDIT))
+        _capture(cdp, _node_clip(page, EDIT), SCREENSHOT)
     assert page.errors == [], page.errors
 
 

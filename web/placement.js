@@ -28,6 +28,7 @@ const HINT_HEIGHT = 22  // CSS px of the instruction line under the image
 const MIN_STAGE = 120  // CSS px: the least height of the image area
 const NODE_WIDTH = 400  // a new node's width: the target drawn about 370 px wide
 const WIDGET_MARGIN = 10  // the frontends' DOM widget margin on each side (the view is the node's width less these)
+const WIDGET_SLACK = 8  // px of a DOM widget's height the frontends keep below the element
 const MAX_BACKING = 4096  // px per side of the canvas backing store, at extreme zoom
 const OUTLINE = "#ffd400"
 const EARLIER_ALPHA = 0.55
@@ -37,6 +38,7 @@ const HINTS = [  // the longest that fits is shown
   "Drag: move · corner or wheel: scale · round handle: rotate · arrows: 1 px · double-click: reset",
   "Drag: move · corner: scale · round handle: rotate · double-click: reset",
   "Drag: move · corner: scale · round handle: rotate",
+  "Drag · corner: scale · handle: rotate",
   "Drag to move",
 ]
 const WANTED = {
@@ -681,7 +683,8 @@ const html = (text) => String(text).replace(/[&<>"]/g, (ch) => ({ "&": "&amp;", 
 function minHeight(node) {
   const tgt = node.haPlacement?.inputs.target?.data
   const aspect = tgt ? Math.min(1, tgt.height / tgt.width) : 1
-  return Math.max(MIN_STAGE, Math.round((node.size[0] - 2 * WIDGET_MARGIN - 2 * PAD) * aspect + 2 * PAD)) + HINT_HEIGHT
+  return Math.max(MIN_STAGE, Math.round((node.size[0] - 2 * WIDGET_MARGIN - 2 * PAD) * aspect + 2 * PAD)) + HINT_HEIGHT +
+    WIDGET_SLACK
 }
 
 // ------------------------------------------------------------------ registration
