@@ -467,47 +467,66 @@ def test_a_new_node_says_what_to_connect_then_draws_wide_and_sharp(browser_page,
     assert page.errors == [], page.errors
 
 
-def test_a_mask_painted_in_the_mask_editor_reaches_the_view_and_the_run(browser_page, app_server):
-    """The mask editor's save as the app sends it: POST /upload/mask with the painted layer (alpha 0 where painted)
-    and the original image's reference; the server writes the source with that alpha into input/clipspace/, and the
-    Load Image's widget names that file. Through the shipped wiring (source_mask = that Load Image's MASK), the view
-    cuts the painted area, in the source's own colours (a 2D canvas would premultiply them to black where alpha is 0),
-    and the run's M_geo is the painted area, moved where the view shows it."""
-    import io
+EDITOR = """() => Array.from(document.querySelectorAll('canvas'))
+    .filter(c => c.width === 64 && c.height === 64 && c.getBoundingClientRect().width > 300).at(-1)"""  # its top layer
 
+
+def test_a_mask_painted_in_the_mask_editor_reaches_the_view_and_the_run(browser_page, app_server):
+    """The user's path through the app's own mask editor: a photo in the source Load Image, Open in MaskEditor, a brush
+    stroke, Save (the editor uploads the painted layer; the server writes the photo with that alpha into
+    input/clipspace/ and the Load Image names the file). Through the shipped wiring (source_mask = that Load Image's
+    MASK), the view cuts the painted area in the photo's own colours (a 2D canvas would premultiply them to black where
+    alpha is 0: pixel check), and the run's M_geo is the painted area, moved where the view shows it."""
     from PIL import Image
 
     page = browser_page
     yy, xx = np.mgrid[0:64, 0:64]
     colours = np.dstack([xx * 4, yy * 4, np.full_like(xx, 200)]).astype(np.uint8)  # each colour names its pixel
     Image.fromarray(colours).save(app_server.base / "input" / "painted_source.png")
-    painted = (xx - 22) ** 2 + (yy - 40) ** 2 <= 8 ** 2  # not where the shipped source's alpha has the crack
-    layer = np.zeros((64, 64, 4), np.uint8)
-    layer[..., 3] = np.where(painted, 0, 255)
-    png = io.BytesIO()
-    Image.fromarray(layer).save(png, format="PNG")
-
     drop_workflow(page, WORKFLOW, name="geometry_transfer_painted.json")
-    saved = page.evaluate("""async (data) => {
-        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0)), form = new FormData();
-        form.append('image', new Blob([bytes], {type: 'image/png'}), 'clipspace-mask-1.png');
-        form.append('original_ref', JSON.stringify({filename: 'painted_source.png', type: 'input', subfolder: ''}));
-        form.append('type', 'input');
-        form.append('subfolder', 'clipspace');
-        const response = await window.app.api.fetchApi('/upload/mask', {method: 'POST', body: form});
-        return await response.json();
-    }""", base64.b64encode(png.getvalue()).decode())
-    value = f"{saved['subfolder']}/{saved['name']} [input]"
-    set_widgets(page, {3: {"image": value}, EDIT: {"shift_x": 9, "shift_y": -6, "scale": 1.3, "rotation": 20}})
+    set_widgets(page, {3: {"image": "painted_source.png"}, EDIT: {"shift_x": 9, "shift_y": -6, "scale": 1.3, "rotation": 20}})
+    page.wait_for_function("() => { const i = window.app.graph.getNodeById(3).imgs?.[0]; "
+                           "return i?.complete && i.src.includes('painted_source'); }", timeout=30_000)
+    page.evaluate("() => window.app.canvas.selectNode(window.app.graph.getNodeById(3))")
+    page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.MaskEditor.OpenMaskEditor'); }")
+    page.wait_for_function(f"() => !!({EDITOR})()", timeout=30_000)
+    time.sleep(0.5)
+    # brush opacity 1 (from 0.7): the painted area is saved with alpha 0, where a 2D canvas loses the colours
+    assert page.evaluate("""() => { const opacity = Array.from(document.querySelectorAll('input'))
+        .filter(i => i.offsetParent && i.value === '0.7');
+        for (const i of opacity) {
+            i.value = '1';
+            for (const e of ['input', 'change']) i.dispatchEvent(new Event(e, {bubbles: true}));
+        }
+        return opacity.length; }""") >= 1
+    box = page.evaluate(f"() => {{ const r = ({EDITOR})().getBoundingClientRect(); return [r.x, r.y, r.width]; }}")
+    x0, y0, w = box
+    page.mouse.move(x0 + 0.3 * w, y0 + 0.72 * w)
+    page.mouse.down()
+    for i in range(1, 13):  # a stroke up and to the right, in the image's lower left
+        page.mouse.move(x0 + (0.3 + 0.01 * i) * w, y0 + (0.72 - 0.02 * i) * w)
+        time.sleep(0.03)
+    page.mouse.up()
+    time.sleep(0.3)
+    assert page.evaluate("""() => { const b = Array.from(document.querySelectorAll('button'))
+        .filter(b => b.offsetParent && b.innerText.trim() === 'Save'); b.at(-1)?.click(); return b.length; }""") >= 1
+    page.wait_for_function("() => window.app.graph.getNodeById(3).widgets.find(w => w.name === 'image').value"
+                           ".includes('clipspace')", timeout=30_000)
+
     prompt = api_prompt(page)
-    assert prompt[str(EDIT)]["inputs"]["source_mask"] == ["3", 1] and prompt["3"]["inputs"]["image"] == value
+    assert prompt[str(EDIT)]["inputs"]["source_mask"] == ["3", 1], prompt[str(EDIT)]
+    painted = _source_mask(app_server, prompt)  # the file the editor saved: the photo, alpha 0 where painted
+    assert 40 < painted.sum() < 64 * 64 / 3 and not painted[:, 40:].any(), painted.sum()
+    with Image.open(app_server.base / "input" / prompt["3"]["inputs"]["image"].removesuffix(" [input]")) as im:
+        saved = np.asarray(im.convert("RGBA"))
+    assert np.array_equal(saved[..., :3], colours) and (saved[..., 3][painted] == 0).mean() > 0.5  # colours under alpha 0
     _show_node(page)
     view = _ready(page)
     ys, xs = np.nonzero(painted)
     assert view["bbox"] == {"x0": int(xs.min()), "y0": int(ys.min()), "x1": int(xs.max()), "y1": int(ys.max())}
     inner = _interior(painted)
     shown = _shown_at(page, EDIT, _forward(page, EDIT, inner))
-    assert _near(shown, colours.astype(int), inner, slack=6).all(), shown[:4]
+    assert len(inner) > 20 and _near(shown, colours.astype(int), inner, slack=6).all(), shown[:4]
 
     graph = {k: prompt[k] for k in ("3", "5", str(EDIT))}
     graph["20"] = {"class_type": "MaskToImage", "inputs": {"mask": [str(EDIT), 1]}}
@@ -517,8 +536,7 @@ def test_a_mask_painted_in_the_mask_editor_reaches_the_view_and_the_run(browser_
     m_geo = _saved_mask(app_server, entry, "21")
     (gx, gy), (sx, sy) = _centroid(m_geo), _shown(page, EDIT, painted).mean(axis=0)
     assert math.hypot(gx - sx, gy - sy) < 1.0, ((gx, gy), (sx, sy))
-    assert abs(m_geo.sum() / (painted.sum() * 1.3 ** 2) - 1) < 0.15, m_geo.sum()
-    assert np.array_equal(_source_mask(app_server, prompt), painted)  # the file the server wrote holds the painting
+    assert abs(m_geo.sum() / (painted.sum() * 1.3 ** 2) - 1) < 0.15, (m_geo.sum(), painted.sum())
     assert page.errors == [], page.errors
 
 
