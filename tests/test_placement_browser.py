@@ -392,12 +392,13 @@ def _capture(cdp, clip: dict, path: Path) -> None:
 
 
 def _node_clip(page, node_id: int) -> dict:
-    """The node's rectangle on the page, title included, with a small margin."""
+    """The node's rectangle on the page, title (and a badge above it, 1.49) included, with a small margin."""
     return page.evaluate("""(id) => {
         const node = window.app.graph.getNodeById(id), canvas = window.app.canvas;
         const [x, y] = canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
         const s = canvas.ds.scale, r = canvas.canvas.getBoundingClientRect(), title = LiteGraph.NODE_TITLE_HEIGHT * s;
-        return {x: r.left + x - 8, y: r.top + y - title - 8, width: node.size[0] * s + 16, height: node.size[1] * s + title + 16};
+        return {x: r.left + x - 8, y: r.top + y - title - 30 * s, width: node.size[0] * s + 16,
+                height: node.size[1] * s + title + 30 * s + 8};
     }""", node_id)
 
 
@@ -418,6 +419,9 @@ def test_readme_screenshot(browser_page, app_server):
         set(3, 'image', 'readme_crack_source.png'); set(5, 'image', 'readme_target_brick.png');
         set(6, 'shift_x', 96); set(6, 'shift_y', -64); set(6, 'scale', 1.4); set(6, 'rotation', 25);
         const n = window.app.graph.getNodeById(6); n.size[0] = 400; n.setSize([400, n.computeSize()[1]]);
+        // alone in the picture: clear of the other nodes, without the canvas's statistics
+        n.pos = [Math.max(...window.app.graph.nodes.map((m) => m.pos[0] + m.size[0])) + 400, 0];
+        window.app.canvas.show_info = false;
     }""")
     with _screen(page, 2) as cdp:
         _show_node(page, scale=1.0)
@@ -425,6 +429,7 @@ def test_readme_screenshot(browser_page, app_server):
         time.sleep(0.5)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         _capture(cdp, _node_clip(page, EDIT), SCREENSHOT)
+    page.evaluate("() => { window.app.canvas.show_info = true; }")
     assert page.errors == [], page.errors
 
 
