@@ -90,7 +90,7 @@ def main() -> None:
             for r in rows:
                 wall, used = timed([py, str(PACK / "scripts/run_workflow.py"), "--cpu", "--ckpt", ckpt, "--output-dir", str(out),
                                   "--input-dir", str(folder), "--set", f"3.image={r['source']}",
-                                  "--set", f"4.image={r['source_mask']}", "--set", f"5.image={r['target']}",
+                                  "--mask", r["source_mask"], "--set", f"5.image={r['target']}",
                                   "--set", f"6.shift_x={r['shift_x']}", *sets], env)
                 seconds, cpu = seconds + wall, cpu + used
         else:

@@ -305,7 +305,7 @@ class Worker:
         inputs = self.prompt[self.edit]["inputs"]
         self.loaders = {"source": _upstream(self.prompt, inputs["source"], ("LoadImage",)),
                         "target": _upstream(self.prompt, inputs["target"], ("LoadImage",)),
-                        "source_mask": _upstream(self.prompt, inputs["source_mask"], ("LoadImageMask",))}
+                        "source_mask": run_workflow.mask_loader(self.prompt)}  # the manifest's mask files
         self.executor = comfy_runtime.new_executor()
         # LoadImage reads files under ComfyUI's input folder only (newer versions refuse other paths): point it at
         # the folder holding every file of the manifest, for this worker's life

@@ -3,6 +3,7 @@
     python scripts/run_workflow.py --ckpt sd-v1-5-inpainting.safetensors
     python scripts/run_workflow.py --workflow workflows/api/appearance_transfer.json --ckpt /path/model.safetensors
     python scripts/run_workflow.py --set 8.steps=10 --set 6.shift_x=40
+    python scripts/run_workflow.py --input-dir photos/ --set 3.image=crack.png --mask crack_mask.png --set 5.image=wall.png
 
 The images the workflow loads are read from the pack's example_images/ folder (or --input-dir); results go
 to ComfyUI's output folder (or --output-dir). Set-up on a fresh machine: `bash scripts/run.sh ...`.
@@ -37,6 +38,9 @@ def parse_args(argv=None):
                                   ".safetensors file (default: the workflow's own)")
     p.add_argument("--input-dir", default=str(PACK / "example_images"), help="folder of the images the workflow loads")
     p.add_argument("--output-dir", help="where images are saved (default: ComfyUI's output folder)")
+    p.add_argument("--mask", metavar="FILE", help="the source mask as an image of its own in --input-dir (white = the "
+                                                  "geometry), instead of the source image's alpha (the mask painted in "
+                                                  "the app's mask editor, which the shipped workflows read)")
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="override a widget value, e.g. 8.steps=10 (JSON values; repeatable)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
@@ -64,6 +68,32 @@ def resolve_checkpoint(prompt: dict, ckpt: str | None) -> None:
                 "(the geometry workflow expects the SD1.5 inpainting checkpoint, e.g. sd-v1-5-inpainting.safetensors)."
             )
         node["inputs"]["ckpt_name"] = name
+
+
+def mask_loader(prompt: dict) -> str:
+    """The id of the LoadImageMask node the geometry's source mask comes from. The shipped geometry workflows read it
+    from the source LoadImage's MASK output (the image's alpha, where the app's mask editor saves the painted mask):
+    there a LoadImageMask (red channel: white = the geometry) is added, and every input that read that output reads
+    the new node instead, so a mask in a file of its own can be given (set its "image")."""
+    todo = [n["inputs"]["source_mask"] for n in prompt.values() if isinstance(n["inputs"].get("source_mask"), list)]
+    seen = set()
+    while todo:
+        node_id, slot = todo.pop(0)
+        node = prompt[node_id]
+        if node["class_type"] == "LoadImageMask":
+            return node_id
+        if node["class_type"] == "LoadImage" and slot == 1:
+            new = str(max(int(k) for k in prompt) + 1)
+            prompt[new] = {"class_type": "LoadImageMask", "inputs": {"image": node["inputs"]["image"], "channel": "red"}}
+            for other in prompt.values():
+                for name, value in other["inputs"].items():
+                    if value == [node_id, 1]:
+                        other["inputs"][name] = [new, 0]
+            return new
+        if node_id not in seen:
+            seen.add(node_id)
+            todo += [v for v in node["inputs"].values() if isinstance(v, list)]
+    raise ValueError("no LoadImage MASK output or LoadImageMask node feeds a source_mask input of the workflow")
 
 
 def apply_overrides(prompt: dict, overrides: list[str]) -> None:
@@ -96,6 +126,11 @@ def main(argv=None) -> int:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         folder_paths.set_output_directory(str(Path(args.output_dir).resolve()))
     resolve_checkpoint(prompt, args.ckpt)
+    if args.mask:
+        try:
+            prompt[mask_loader(prompt)]["inputs"]["image"] = args.mask
+        except ValueError as err:
+            sys.exit(f"--mask {args.mask}: {err}")
     apply_overrides(prompt, args.set)
 
     start = time.time()

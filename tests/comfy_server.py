@@ -187,15 +187,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def small_examples(folder: Path, size: int = 64) -> None:
-    """The pack's example images under their shipped names, downscaled (the workflows load them by name)."""
+def small_copy(image: Path, dest: Path, size: int = 64) -> None:
+    """`image` downscaled to size x size: colours with Lanczos; a mask file and an alpha channel (the mask painted in
+    the app's mask editor, LoadImage's MASK) nearest-neighbour, so they stay binary."""
     from PIL import Image
 
+    with Image.open(image) as im:
+        if "mask" in image.name:
+            im.resize((size, size), Image.NEAREST).save(dest)
+            return
+        small = im.convert("RGB").resize((size, size), Image.LANCZOS)
+        if "A" in im.getbands():
+            small.putalpha(im.getchannel("A").resize((size, size), Image.NEAREST))
+        small.save(dest)
+
+
+def small_examples(folder: Path, size: int = 64) -> None:
+    """The pack's example images under their shipped names, downscaled (the workflows load them by name)."""
     folder.mkdir(parents=True, exist_ok=True)
     for image in (PACK_ROOT / "example_images").glob("*.png"):
-        with Image.open(image) as im:
-            resample = Image.NEAREST if "mask" in image.name else Image.LANCZOS
-            im.resize((size, size), resample).save(folder / image.name)
+        small_copy(image, folder / image.name, size)
 
 
 FRONTEND_SETTINGS = {

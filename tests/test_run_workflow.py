@@ -45,6 +45,27 @@ def test_checkpoint_path_and_overrides(comfy, tmp_path):
         resolve_checkpoint(prompt, str(pickle))
 
 
+def test_a_mask_file_of_its_own_takes_the_place_of_the_source_alpha():
+    """--mask (and the dataset runner): the shipped geometry workflows read the source mask from the source Load
+    Image's MASK output (its alpha, as the app's mask editor saves it); mask_loader puts a LoadImageMask (red channel)
+    in that output's place for every input that read it, and finds it again rather than adding a second."""
+    from run_workflow import mask_loader
+
+    for name in ("geometry_transfer", "multi_geometry_transfer", "geometry_transfer_sdxl"):
+        prompt = json.loads((harness.PACK_ROOT / "workflows" / "api" / f"{name}.json").read_text())
+        readers = [(k, i) for k, n in prompt.items() for i, v in n["inputs"].items() if v == ["3", 1]]
+        assert readers and prompt["3"]["class_type"] == "LoadImage", name
+        new = mask_loader(prompt)
+        assert prompt[new] == {"class_type": "LoadImageMask", "inputs": {"image": "crack_source.png", "channel": "red"}}
+        assert all(prompt[k]["inputs"][i] == [new, 0] for k, i in readers), name
+        assert ["3", 1] not in [v for n in prompt.values() for v in n["inputs"].values()]
+        size = len(prompt)
+        assert mask_loader(prompt) == new and len(prompt) == size
+    appearance = json.loads((harness.PACK_ROOT / "workflows" / "api" / "appearance_transfer.json").read_text())
+    with pytest.raises(ValueError, match="source_mask"):
+        mask_loader(appearance)
+
+
 def test_main_job_runs_the_shipped_workflow_on_a_real_checkpoint_file(comfy, tmp_path):
     """The README's main job, as a user runs it: the shipped workflow and example images, a checkpoint
     file loaded by CheckpointLoaderSimple (a random SD1.5-inpainting one, SD1.5-detectable), an image out.
