@@ -133,10 +133,10 @@ def float_error(name: str, value, spec: dict) -> str | None:
         return f"{name} is NaN (not a number): {fix}"
     if math.isinf(value):
         return f"{name} is {value}: {fix}"
-    if low is not None and value < low:
-        return f"{name} is {_number(value)}, smaller than min of {_number(low)}: {fix}"
+    if low is not None and value < low:  # ComfyUI's own wording for its range check
+        return f"{name}: Value {value} smaller than min of {low}; {fix}"
     if high is not None and value > high:
-        return f"{name} is {_number(value)}, bigger than max of {_number(high)}: {fix}"
+        return f"{name}: Value {value} bigger than max of {high}; {fix}"
     return None
 
 

@@ -442,15 +442,16 @@ def describe(err: comfy_runtime.PromptError, prompt: dict, root: str) -> str:
         for e in info.get("errors", []):
             name = e.get("extra_info", {}).get("input_name")
             text = str(e.get("details", ""))
+            shown = name
             if e.get("type") == "custom_validation_failed" and name and text.startswith(f"{name} - "):
-                text = text[len(name) + 3:]  # ComfyUI repeats a node's message once per input it checked
-                message = text
+                # a node's own check: ComfyUI repeats its message once per input the check names, under each name
+                message, shown = text[len(name) + 3:], None
             else:
                 message = f"{e.get('message')}: {text}" if text else e.get("message")
             if message in seen:
                 continue
             seen.add(message)
-            lines.append(f"  node {node_id} ({info.get('class_type')}){' ' + name if name else ''}: {message}")
+            lines.append(f"  node {node_id} ({info.get('class_type')}){' ' + shown if shown else ''}: {message}")
             if info.get("class_type") in LOADERS and name == "image":
                 role = next((r for r, ls in image_loaders(prompt).items() if any(n == node_id for n, _ in ls)), None)
                 lines.append(f"    it reads files under {root}; give the file with "

@@ -119,11 +119,31 @@ def test_describe_turns_a_validation_report_into_lines(tiny):
     text = describe(err.value, prompt, "/the/input/folder")
     lines = text.splitlines()
     assert lines[0] == "the workflow was refused before it ran:"
-    assert "  node 3 (LoadImage) image: Invalid image file: nope.png" in lines
+    assert "  node 3 (LoadImage): Invalid image file: nope.png" in lines
     assert "    it reads files under /the/input/folder; give the file with --source FILE" in lines
     nan = [line for line in lines if line.startswith("  node 10 (HA_GeometryPreservingSampler)")]
     assert len(nan) == 1 and "cfg is NaN (not a number): set it to a number from 0 to 30 (default 1)" in nan[0]
     assert "{" not in text
+
+
+def test_set_images_points_the_loaders_at_files_anywhere(tmp_path):
+    """Files from two folders: ComfyUI's input folder becomes their common parent, each loader gets its relative
+    path; a mask taken from a LoadImage's MASK output (alpha painted in the mask editor) gets a LoadImageMask of the
+    file given."""
+    from run_workflow import image_loaders, set_images
+
+    prompt = json.loads((harness.PACK_ROOT / "workflows/api/geometry_transfer.json").read_text())
+    del prompt["4"]
+    prompt["6"]["inputs"]["source_mask"] = ["3", 1]  # the source's own alpha
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    root = set_images(prompt, {"source": str(tmp_path / "a" / "A.jpg"), "source_mask": str(tmp_path / "b" / "M.png")},
+                      str(tmp_path / "examples"))
+    assert root == str(tmp_path)
+    assert prompt["3"]["inputs"]["image"] == "a/A.jpg" and prompt["5"]["inputs"]["image"] == "examples/target_brick.png"
+    [(mask_node, slot)] = image_loaders(prompt)["source_mask"]
+    assert prompt[mask_node] == {"class_type": "LoadImageMask", "inputs": {"image": "b/M.png", "channel": "red"}}
+    assert slot == 0 and prompt["6"]["inputs"]["source_mask"] == [mask_node, 0]
 
 
 def _photos(folder, size=128):
