@@ -31,6 +31,7 @@ PACK = comfy_runtime.PACK_ROOT
 DEFAULT_WORKFLOW = PACK / "workflows" / "api" / "geometry_transfer.json"
 DEFAULT_INPUT_DIR = PACK / "example_images"
 LOADERS = ("LoadImage", "LoadImageMask")
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 # the inputs of the pack's nodes that images are loaded for: what each option's file must be
 IMAGE_ROLES = {
     "source": "the photo holding the geometry to move (a crack, a hole, a scratch...)",
@@ -234,8 +235,9 @@ def _override(prompt: dict, item: str) -> tuple[str, str, object]:
     cls = getattr(sys.modules.get("nodes"), "NODE_CLASS_MAPPINGS", {}).get(node["class_type"])
     if cls is not None:
         types = cls.INPUT_TYPES()
-        if name not in set(types.get("required", {})) | set(types.get("optional", {})):
-            widgets = [k for k, v in node["inputs"].items() if not isinstance(v, list)]
+        specs = {**types.get("required", {}), **types.get("optional", {})}
+        if name not in specs:
+            widgets = [k for k, spec in specs.items() if isinstance(spec[0], list) or spec[0] in WIDGET_TYPES]
             raise Refused(f"--set {item!r}: node {node_id} ({node['class_type']}) has no input {name!r}; its "
                           f"widgets: {', '.join(widgets) or 'none'}")
     if isinstance(node["inputs"].get(name), list):
@@ -395,6 +397,14 @@ def prepare(args) -> tuple[dict, str]:
     return prompt, root
 
 
+class _QuietValidation(logging.Filter):
+    """ComfyUI logs a refused prompt's report line by line; the command prints it once, in words (--verbose keeps
+    ComfyUI's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.module == "execution" and record.funcName == "validate_prompt")
+
+
 class Progress:
     """What the run shows: a line per node as it starts and a bar over each node's steps (ComfyUI's ProgressBar)."""
 
@@ -488,6 +498,8 @@ def main(argv=None) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # ComfyUI's start-up chatter (e.g. optional audio nodes)
     comfy_runtime.start(cpu=args.cpu or not torch.cuda.is_available())
     logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:
+        logging.getLogger().addFilter(_QuietValidation())
     import comfy.utils
     import folder_paths
 
