@@ -89,9 +89,9 @@ def main() -> None:
             seconds = cpu = 0.0
             for r in rows:
                 wall, used = timed([py, str(PACK / "scripts/run_workflow.py"), "--cpu", "--ckpt", ckpt, "--output-dir", str(out),
-                                  "--input-dir", str(folder), "--set", f"3.image={r['source']}",
-                                  "--mask", r["source_mask"], "--set", f"5.image={r['target']}",
-                                  "--set", f"6.shift_x={r['shift_x']}", *sets], env)
+                                  "--source", str(folder / r["source"]), "--mask", str(folder / r["source_mask"]),
+                                  "--target", str(folder / r["target"]), "--set", f"6.shift_x={r['shift_x']}", *sets],
+                                 env)
                 seconds, cpu = seconds + wall, cpu + used
         else:
             engine = ["--engine", "ray", "--workers", variant[-1]] if variant.startswith("ray") else []

@@ -2,6 +2,9 @@
 before any long computation starts."""
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 
 from .patch import dit_blocks, is_dit, is_inpainting, self_attention_blocks
@@ -109,3 +112,69 @@ def conditioning_width(model, conditioning, name: str) -> None:
                 f"{expected}-wide tokens ({_encoder(expected)}): encode the prompt with the text encoder of this "
                 "model's checkpoint (connect the CLIP output of the loader that gives this MODEL to CLIPTextEncode)"
             )
+
+
+# ---------------------------------------------------------------- widget values, before the prompt runs
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else repr(value)
+
+
+def float_error(name: str, value, spec: dict) -> str | None:
+    """What is wrong with a FLOAT widget's value (NaN, infinite, outside [min, max]), or None. `spec` is the input's
+    options (min, max, default); None (a linked input, known only when the graph runs) passes."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    low, high, default = spec.get("min"), spec.get("max"), spec.get("default")
+    span = " ".join(filter(None, (f"from {_number(low)}" if low is not None else "",
+                                  f"to {_number(high)}" if high is not None else "")))
+    fix = f"set it to a number {span}".rstrip() + (f" (default {_number(default)})" if default is not None else "")
+    if math.isnan(value):
+        return f"{name} is NaN (not a number): {fix}"
+    if math.isinf(value):
+        return f"{name} is {value}: {fix}"
+    if low is not None and value < low:  # ComfyUI's own wording for its range check
+        return f"{name}: Value {value} smaller than min of {low}; {fix}"
+    if high is not None and value > high:
+        return f"{name}: Value {value} bigger than max of {high}; {fix}"
+    return None
+
+
+def finite_widgets(node: type) -> type:
+    """Give a node class a validate_inputs that refuses a NaN, infinite or out-of-range value of any of its FLOAT
+    widgets, naming the node, the input, the value and the fix, and then runs the node's own validate_inputs (if any).
+    Applied to every node of the pack where it registers (nodes/__init__.py).
+
+    ComfyUI calls validate_inputs from validate_prompt, before any node of the prompt executes, so a bad number never
+    costs an inversion. Its own range check lets NaN through (NaN < min and NaN > max are both false) and is skipped
+    for every input a validate_inputs names; this one names the FLOAT inputs (and the own validator's) and checks
+    their range itself, leaving ComfyUI's checks of every other input as they are. A value from a link is not known
+    before the run: the nodes' execute checks what it must."""
+    own = node.__dict__.get("validate_inputs")
+    own = own.__func__ if isinstance(own, classmethod) else None
+    if getattr(own, "finite_widgets", False):
+        return node
+    types = node.INPUT_TYPES()
+    floats = {name: spec[1] if len(spec) > 1 else {} for group in ("required", "optional")
+              for name, spec in types.get(group, {}).items() if spec[0] == "FLOAT"}
+    if not floats:
+        return node
+    own_names = [p for p in inspect.signature(own).parameters if p != "cls"] if own else []
+    schema = node.GET_SCHEMA()
+    label = f"{schema.display_name} ({schema.node_id})" if schema.display_name else schema.node_id
+
+    def validate_inputs(cls, **values):
+        for name, spec in floats.items():
+            message = float_error(name, values.get(name), spec)
+            if message:
+                return f"{label}: {message}"
+        return own(cls, **{k: v for k, v in values.items() if k in own_names}) if own else True
+
+    # ComfyUI passes a validate_inputs the inputs its signature names (a **kwargs would switch its checks off for all)
+    names = list(floats) + [n for n in own_names if n not in floats]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    validate_inputs.__signature__ = inspect.Signature(
+        [inspect.Parameter("cls", kind)] + [inspect.Parameter(n, kind, default=None) for n in names])
+    validate_inputs.finite_widgets = True
+    node.validate_inputs = classmethod(validate_inputs)
+    return node
