@@ -98,6 +98,13 @@ def image_loaders(prompt: dict) -> dict[str, list[tuple[str, int]]]:
     return found
 
 
+def role_of(prompt: dict, node_id: str) -> str | None:
+    """The role whose option gives a loader's file: the one reading its image (output 0) before one reading its alpha
+    (a Load Image's MASK output gives the source and its painted mask)."""
+    roles = sorted((slot, role) for role, loaders in image_loaders(prompt).items() for n, slot in loaders if n == node_id)
+    return roles[0][1] if roles else None
+
+
 def option(role: str) -> str:
     return ALIASES.get(role, "--" + role.replace("_", "-"))
 
@@ -384,10 +391,9 @@ def prepare(args) -> tuple[dict, str]:
     apply_overrides(prompt, args.set)  # before set_images: an `image` set here is a name in --input-dir
     files = {role: str(Path(path).resolve()) for role, path in args.images.items()}
     root = set_images(prompt, files, args.input_dir)
-    roles = {n: role for role, loaders in image_loaders(prompt).items() for n, _ in loaders}
     for node_id, path in image_files(prompt, root).items():
         if not path.is_file():
-            role = roles.get(node_id)
+            role = role_of(prompt, node_id)
             raise Refused(f"node {node_id} ({prompt[node_id]['class_type']}) reads {path.name}, which is not in "
                           f"{args.input_dir}: " + (f"give the file with {option(role)} FILE" if role else
                                                    f"give --input-dir or --set {node_id}.image=NAME"))
@@ -464,7 +470,7 @@ def describe(err: comfy_runtime.PromptError, prompt: dict, root: str) -> str:
             seen.add(message)
             lines.append(f"  node {node_id} ({info.get('class_type')}){' ' + shown if shown else ''}: {message}")
             if info.get("class_type") in LOADERS and name == "image":
-                role = next((r for r, ls in image_loaders(prompt).items() if any(n == node_id for n, _ in ls)), None)
+                role = role_of(prompt, node_id)
                 lines.append(f"    it reads files under {root}; give the file with "
                              + (f"{option(role)} FILE" if role else "--input-dir"))
     if len(lines) == 1:
