@@ -26,9 +26,8 @@ from ..attention.appearance import (
 from ..attention.roles import RowPlan
 from ..attention.tokens import latent_mask
 from . import pipeline, renoise, validate
-from .geometry import check_dit_window, dit_window_inputs
-from .patch import schedule_position
-from .patch import apply_plan, is_inpainting
+from .geometry import _ui_text, check_dit_window, dit_window_inputs, logged
+from .patch import apply_plan, is_inpainting, model_notes, schedule_position
 
 CATEGORY = "harmonizing_attention/appearance_transfer"
 # On a diffusion transformer, cross-image attention acts in the later half of the blocks, the counterpart
@@ -167,11 +166,16 @@ def generate(model, positive, negative, inverted: AppearanceInverted, cfg: float
         return x
 
     samples = pipeline.run_sampler(patched, loop, inverted.latents, inverted.sigmas, positive, negative, cfg,
-                            guider=CrossImageGuider(patched, rules))
+                                   guider=lambda m: CrossImageGuider(m, rules))
     return samples[out], samples[app], samples[p:2 * p]
 
 
 # ---------------------------------------------------------------- nodes
+
+# why the sampler suspends step caches (patch.model_notes)
+GUIDANCE_STEP_CACHES = ("the appearance guidance evaluates the model twice per step on the same latent, and a step "
+                        "cache would return the first evaluation for the second.")
+
 
 class AppearanceInversion(io.ComfyNode):
     @classmethod
@@ -224,8 +228,9 @@ class AppearanceInversion(io.ComfyNode):
         validate.batches("structure", structure.shape[0], "appearance", appearance.shape[0])
         validate.latent_size("structure", structure, validate.pixel_multiple(model))
         renoise.check(renoise_iterations, renoise_average)
+        notes = logged(model_notes(model, "HA_AppearanceInversion", renoise.STEP_CACHES))
         return io.NodeOutput(invert(model, vae, conditioning, structure, appearance, steps, denoise,
-                                    renoise_iterations, renoise_average))
+                                    renoise_iterations, renoise_average), ui=_ui_text(notes, "", []))
 
 
 def _fraction(name: str, default: float, tooltip: str) -> io.Float.Input:
@@ -356,9 +361,10 @@ class CrossImageSampler(io.ComfyNode):
                 raise ValueError(f"{name} is empty (all zero) in batch row(s) {empty}: draw the region or leave "
                                  "the input unconnected")
         check_dit_window(dit_block_start, dit_block_end)
+        notes = logged(model_notes(model, "HA_CrossImageSampler", GUIDANCE_STEP_CACHES))
         out, app, struct = generate(model, positive, negative, inverted, cfg, schedule, contrast, contrast_clip,
                                     output_mask, appearance_mask, (dit_block_start, dit_block_end))
-        return io.NodeOutput({"samples": out}, {"samples": app}, {"samples": struct})
+        return io.NodeOutput({"samples": out}, {"samples": app}, {"samples": struct}, ui=_ui_text(notes, "", []))
 
 
 NODES = [AppearanceInversion, CrossImageSampler]

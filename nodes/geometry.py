@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 from ..attention import color, edit, tokens
 from ..attention.kv import AUTO_AREA
 from ..attention.roles import BALANCE_MODES, GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES, balance
-from . import pipeline, placement_view, renoise, validate
+from . import patch, pipeline, placement_view, renoise, validate
 from .pipeline import Inverted, Scene
 
 CATEGORY = "harmonizing_attention/geometry_transfer"
@@ -45,6 +45,13 @@ def _ui_text(notes: list[str], stage: str, balance_lines: list[str]):
     if balance_lines:
         sections.append(f"{stage} balance per layer (keys, weight, share at equal logits):\n" + "\n".join(balance_lines))
     return ui.PreviewText("\n\n".join(sections)) if sections else None
+
+
+def logged(notes: list[str]) -> list[str]:
+    """`notes`, each logged as a warning (the node's UI text shows them too)."""
+    for note in notes:
+        logging.warning("Harmonizing Attention: %s", note)
+    return notes
 
 
 SMALL_REGION_CELLS = 4.0  # a region with less area than this many latent cells is "small"
@@ -259,9 +266,8 @@ class TextureAligningInversion(io.ComfyNode):
         renoise.check(renoise_iterations, renoise_average)
         check_dit_window(dit_block_start, dit_block_end)
         weights, report = _balance(balance, balance_weight), []
-        notes = region_notes(scene, vae.spacial_compression_encode())
-        for note in notes:
-            logging.warning("Harmonizing Attention: %s", note)
+        notes = logged(patch.model_notes(model, "HA_TextureAligningInversion", renoise.STEP_CACHES)
+                       + region_notes(scene, vae.spacial_compression_encode()))
         inverted = pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations, renoise_average,
                                    attention, (dit_block_start, dit_block_end), balance=weights, report=report)
         return io.NodeOutput(inverted, ui=_ui_text(notes, "texture-aligning", report))
@@ -286,6 +292,15 @@ class LatentBlend(io.ComfyNode):
     @classmethod
     def execute(cls, inverted: Inverted, feather) -> io.NodeOutput:
         return io.NodeOutput(pipeline.blend_latents(inverted, feather))
+
+
+# why the sampler suspends step caches (patch.model_notes), on a UNet and on a diffusion transformer
+SAMPLER_STEP_CACHES = {
+    False: "the output pass replays the sources' pass evaluation by evaluation, and a step cache's skipped "
+           "evaluations would fail the replay or silently change the result.",
+    True: "a step cache would put earlier outputs in place of Geometry-preserving Attention's steps, to save part of "
+          "a pass that is about 12% of the run's model work (25 steps after 25 x 5 ReNoise evaluations).",
+}
 
 
 class GeometryPreservingSampler(io.ComfyNode):
@@ -340,9 +355,10 @@ class GeometryPreservingSampler(io.ComfyNode):
                              f"{family} model: connect the same MODEL to both nodes")
         check_dit_window(dit_block_start, dit_block_end)
         weights, report = _balance(balance, balance_weight), []
+        notes = logged(patch.model_notes(model, "HA_GeometryPreservingSampler", SAMPLER_STEP_CACHES[patch.is_dit(model)]))
         out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, (dit_block_start, dit_block_end),
                                      balance=weights, report=report)
-        return io.NodeOutput({"samples": out}, {"samples": src}, ui=_ui_text([], "geometry-preserving", report))
+        return io.NodeOutput({"samples": out}, {"samples": src}, ui=_ui_text(notes, "geometry-preserving", report))
 
 
 def _balance(mode, weight):

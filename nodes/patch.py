@@ -369,3 +369,70 @@ def apply_dit_plan(model, plan: RowPlan, window: tuple[float, float] = (0.0, 1.0
                                                  _call_wrapper, patched.model_options, is_model_options=True)
     patched.model_options["transformer_options"]["optimized_attention_override"] = _override(dit)
     return patched
+
+
+# ---------------------------------------------------------------- step caches and other samplers' model options
+
+# Step caches skip a model evaluation whose input changed little since the previous one and reuse that one's
+# output, counting evaluations as sampling steps. The pack's passes need every evaluation: ReNoise evaluates the model
+# several times at one step, and a UNet's source pass is recorded and replayed evaluation by evaluation. They are
+# known by the key of the wrappers they register (ModelPatcher.add_wrapper_with_key, or transformer_options["wrappers"]
+# of the model options) and the transformer_options entry that holds their per-run state: wrapper key -> (name, state).
+STEP_CACHES = {
+    "easycache": ("EasyCache", "easycache"),  # comfy_extras/nodes_easycache.py (0.3.64 and 0.33), forks keeping its key
+    "lazycache": ("LazyCache", "easycache"),  # the same file; its state sits under EasyCache's key
+    "teacache": ("TeaCache", "teacache"),  # TeaCache ports built on ComfyUI's wrappers
+}
+
+
+def _wrapper_keys(model) -> set:
+    to_wrappers = model.model_options.get("transformer_options", {}).get("wrappers", {})
+    return {key for wrappers in (model.wrappers, to_wrappers) for by_key in wrappers.values() for key in by_key}
+
+
+def step_caches(model) -> list[str]:
+    """The names of the step caches on `model` (STEP_CACHES), in that table's order."""
+    keys = _wrapper_keys(model)
+    return [name for key, (name, _) in STEP_CACHES.items() if key in keys]
+
+
+def without_step_caches(model):
+    """A clone of `model` without its step caches (every wrapper under their keys, and their state), for a pass that
+    needs every model evaluation; `model` itself, untouched, when it has none."""
+    keys = _wrapper_keys(model) & STEP_CACHES.keys()
+    if not keys:
+        return model
+    clone = model.clone()
+    to = clone.model_options["transformer_options"]
+    for wrappers in (clone.wrappers, to.get("wrappers", {})):
+        for by_key in wrappers.values():
+            for key in keys:
+                by_key.pop(key, None)
+    for key in keys:
+        to.pop(STEP_CACHES[key][1], None)
+    return clone
+
+
+def has_denoise_mask_function(model) -> bool:
+    """A denoise-mask function (DifferentialDiffusion's) is set: ComfyUI calls it only on a sampler given a denoise
+    mask, which the pack's passes never are (see pipeline._FromLatent)."""
+    return model.model_options.get("denoise_mask_function") is not None
+
+
+def model_notes(model, node: str, why: str) -> list[str]:
+    """What `node` tells the user about the patches on its MODEL that its passes do not run. `why`: why a step cache
+    cannot run in the node's passes (a sentence)."""
+    notes = []
+    caches = step_caches(model)
+    if caches:
+        names = " and ".join(caches)
+        notes.append(f"{names} on the MODEL is suspended in {node}: {why} {node} runs every model evaluation; the "
+                     f"MODEL keeps {names} for your other nodes.")
+    if has_denoise_mask_function(model):
+        notes.append(
+            f"DifferentialDiffusion (a denoise-mask function on the MODEL) has no effect in {node}: ComfyUI applies it "
+            "only in a sampler given a denoise mask, and the pack samples from inverted latents without one (a denoise "
+            "mask would hold the area outside it at the clean latent plus the sampler's noise, which is not where an "
+            "inverted trajectory runs). A geometry transfer's soft edge is HA_LatentBlend's feather, and "
+            "HA_DetailPreservingComposite's feather in pixels.")
+    return notes

@@ -24,7 +24,7 @@ from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, te
 from ..attention.tokens import blend, latent_mask
 from ..attention.trajectory import Trajectory
 from . import reuse
-from .patch import apply_plan, is_dit, is_inpainting
+from .patch import apply_plan, is_dit, is_inpainting, without_step_caches
 
 SCHEDULER = "ddim_uniform"  # DDIM's timesteps; the sampler below is DDIM itself (eta = 0)
 FLOW_SCHEDULER = "simple"  # rectified-flow models (Flux, SD3): their own shifted sigmas, evenly in time
@@ -235,8 +235,12 @@ def _sampler(loop):
 
 def run_sampler(model, loop, latents, sigmas, positive, negative, cfg, guider=None):
     """Run `loop` as a ComfyUI sampler from `latents` (no noise added), exactly as SamplerCustom would.
-    `guider`: a comfy.samplers.CFGGuider subclass over `model`; default ComfyUI's plain CFGGuider."""
-    guider = guider or comfy.samplers.CFGGuider(model)
+    `guider(model)` makes the comfy.samplers.CFGGuider (or subclass) to sample with; default ComfyUI's plain CFGGuider.
+
+    Every pass of the pack needs every model evaluation it asks for (ReNoise evaluates several times at one step, a
+    UNet's source pass is replayed evaluation by evaluation, the appearance guidance evaluates twice per step): the
+    model's step caches are suspended for the pass (patch.without_step_caches; `model` keeps them)."""
+    guider = (guider or comfy.samplers.CFGGuider)(without_step_caches(model))
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1)

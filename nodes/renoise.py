@@ -4,6 +4,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 MAX_ITERATIONS = 50
+# why the inversion nodes suspend step caches (patch.model_notes)
+STEP_CACHES = ("ReNoise evaluates the model several times at each inversion step, and a step cache would take each "
+               "evaluation for a step and skip some: the inversion would fail or silently degrade.")
 
 
 def inputs(paper_note: str = "") -> list:

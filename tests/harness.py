@@ -44,6 +44,15 @@ def start() -> dict:
     return _state
 
 
+def loaded(name: str):
+    """The pack's module `name` (e.g. "reuse") as ComfyUI loaded the pack: graphs run there, while
+    `harmonizing_attention` is the tests' own copy."""
+    import nodes
+
+    module = nodes.NODE_CLASS_MAPPINGS["HA_TextureAligningInversion"].__module__
+    return sys.modules[f"{module.rsplit('.', 1)[0]}.{name}"]
+
+
 # ---------------------------------------------------------------- tiny random-weight models
 
 def _init_(module, seed: int):
