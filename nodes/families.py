@@ -48,7 +48,9 @@ class DitFamily:
     name: str  # as users know it, for messages
     model_base: str  # comfy.model_base class name, matched by exact type
     blocks: tuple[tuple[str, str], ...]  # (the diffusion model's ModuleList, its patches_replace["dit"] kind), in call order
-    block_replace: bool = True  # False: the forward names each block in transformer_options["block_type"/"block_index"]
+    # None: the pack's patches_replace["dit"] replace places a layer call; else the forward names each joint block in
+    # transformer_options as block_type == this, block_index == i (NextDiT: "double"; its refiners run with neither)
+    named_blocks: str | None = None
     text_input: str = "txt_in"  # the diffusion model's layer whose in_features is the text tokens' width
     text_tokens: Callable[[object, int], int] = _same_length  # (diffusion model, context tokens) -> text tokens
     check: Callable[[object], None] = _no_check  # raises UnsupportedModel for what the pack cannot take
@@ -125,7 +127,7 @@ FAMILIES = (
     DitFamily("Qwen-Image (and Qwen-Image-Edit)", "QwenImage", (("transformer_blocks", "double_block"),),
               check=_qwen_single_image),
     # Lumina 2's NextDiT: context and noise refiners first (text alone, image alone: left plain), then the joint layers
-    DitFamily("Z-Image (Lumina 2's NextDiT)", "Lumina2", (("layers", "double_block"),), block_replace=False,
+    DitFamily("Z-Image (Lumina 2's NextDiT)", "Lumina2", (("layers", "double_block"),), named_blocks="double",
               text_input="cap_embedder.1", text_tokens=_nextdit_text, check=_nextdit_names_its_layers),
 )
 

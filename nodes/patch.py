@@ -198,11 +198,11 @@ def _replaced_block(options) -> Optional[DitBlock]:
     return options.get(BLOCK_KEY)
 
 
-def _named_block(blocks: dict[int, DitBlock]) -> Callable[[dict], Optional[DitBlock]]:
-    """For a forward that names its joint blocks itself (NextDiT: block_type "double", block_index i; its refiners
-    before them run with neither): the patched block of that index, else None."""
+def _named_block(block_type: str, blocks: dict[int, DitBlock]) -> Callable[[dict], Optional[DitBlock]]:
+    """For a forward that names its joint blocks itself (families.DitFamily.named_blocks: block_type, block_index i):
+    the patched block of that index, else None."""
     def block_of(options) -> Optional[DitBlock]:
-        return blocks.get(options.get("block_index")) if options.get("block_type") == "double" else None
+        return blocks.get(options.get("block_index")) if options.get("block_type") == block_type else None
 
     return block_of
 
@@ -338,13 +338,13 @@ def apply_dit_plan(model, plan: RowPlan, window: tuple[float, float] = (0.0, 1.0
     placed = {key: DitBlock(key[0], key[1], i / len(keys)) for i, key in enumerate(keys) if start <= i / len(keys) < end}
     patched = model.clone()
     to = patched.model_options["transformer_options"]
-    if family.block_replace:
+    if family.named_blocks is None:
         existing = to.get("patches_replace", {}).get("dit", {})
         for key, block in placed.items():
             patched.set_model_patch_replace(_block_replace(block, existing.get(key)), "dit", *key)
         block_of = _replaced_block
     else:
-        block_of = _named_block({block.index: block for block in placed.values()})
+        block_of = _named_block(family.named_blocks, {block.index: block for block in placed.values()})
     dit = _Dit(plan, families.patch_size(model), previous=to.get("optimized_attention_override"), block_of=block_of)
     text_tokens = partial(family.text_tokens, model.get_model_object("diffusion_model"))
     comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,

@@ -151,12 +151,13 @@ def tiny_for(loader: dict) -> str:
     return next((tiny for part, tiny in TINY_MODELS if part in name), "tiny-sdxl")
 
 
-def missing_family(prompt: dict) -> str | None:
-    """Why this ComfyUI cannot run the prompt with the test pack's tiny models (a family it lacks), or None."""
+def missing_family(prompt: dict, vae: bool = True) -> str | None:
+    """Why this ComfyUI cannot run the prompt with the test pack's tiny models (a family it lacks; with `vae`, or whose
+    tiny VAE it cannot build), or None."""
     import harness
 
     tinies = {tiny for tiny, _, _ in loader_swaps(prompt).values() if tiny in harness.TINY_FAMILIES}
-    return next(filter(None, (harness.family_missing(tiny, vae=True) for tiny in sorted(tinies))), None)
+    return next(filter(None, (harness.family_missing(tiny, vae) for tiny in sorted(tinies))), None)
 
 
 def loader_swaps(prompt: dict) -> dict[str, tuple[str, str, int | None]]:

@@ -191,8 +191,8 @@ def test_shipped_workflow_loads_and_runs_from_the_ui(browser_page, app_server, p
     it, the app's own API conversion equal to the shipped workflows/api/ twin; then Run shows the output image."""
     twin = path.parent / "api" / path.name
     api = json.loads(twin.read_text()) if twin.exists() else None
-    missing = api and comfy_server.missing_family(api)
-    if missing:
+    missing = api and comfy_server.missing_family(api, vae=False)
+    if missing:  # a family this ComfyUI does not have: its loaders' options (CLIPLoader's type) are not there either
         pytest.skip(f"{path.name}: {missing}")
     page = browser_page
     ui = json.loads(path.read_text())
@@ -217,6 +217,8 @@ def test_shipped_workflow_loads_and_runs_from_the_ui(browser_page, app_server, p
 
     if api is None:
         return
+    if comfy_server.missing_family(api):
+        pytest.skip(f"{path.name} loaded as shipped; not run: {comfy_server.missing_family(api)}")
     if not comfy_server.runnable(app_server.base, api):
         # an SDXL / SD3 / Flux workflow, checked above as shipped; no checkpoint of those small enough to write
         # exists, so the user's next step is taken with the test pack's tiny model: swap the loaders in the UI

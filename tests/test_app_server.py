@@ -104,7 +104,8 @@ def test_sdxl_workflow_runs_with_a_tiny_sdxl_model(app_server):
         assert error_of(entry) is None, f"{path.name}: {error_of(entry)}"
         for node_id in [k for k, n in prompt.items() if n["class_type"] == "SaveImage"]:
             assert output_images(entry, node_id), f"{path.name}: SaveImage {node_id} wrote nothing"
-        print(f"\n{path.name} (tiny SDXL): {time.time() - start:.1f} s")
+        tinies = sorted({tiny for tiny, _, _ in comfy_server.loader_swaps(json.loads(path.read_text())).values()})
+        print(f"\n{path.name} ({', '.join(tinies)}): {time.time() - start:.1f} s")
 
 
 def test_soak_fifty_prompts_memory_stays_flat(app_server):

@@ -108,6 +108,18 @@ def test_identities_and_input_model_unchanged(dit_families, name):
     assert_identities(dit_families[name][0], lambda rows: _inputs(name, rows))
 
 
+def test_a_latent_of_several_frames_is_refused(dit_families):
+    """Qwen-Image's latents are 5-D: one frame is one image; several frames would be several token grids, which no rule
+    knows how to place, so the first model call stops (Qwen-Image-Layered itself is refused before, by name)."""
+    from harmonizing_attention.nodes.patch import apply_plan
+
+    model = apply_plan(dit_families["tiny-qwen-image"][0],
+                       RowPlan(3, lambda layer: texture_aligning_rules(PairLayout(1, 1))))
+    x, kwargs = _inputs("tiny-qwen-image", 3)
+    with pytest.raises(RuntimeError, match="this latent holds 2 frames"):
+        _run(model, torch.cat([x, x], 2), kwargs)
+
+
 def test_z_image_block_window_follows_the_layer_index(dit_families):
     """Z-Image has no block replace: its layers are placed by the block_index its forward writes. A window over the
     second of two layers ([0.5, 1)) patches that layer's call only; the refiners and the first layer run plain."""
