@@ -25,9 +25,9 @@ from ..attention.appearance import (
 )
 from ..attention.roles import RowPlan
 from ..attention.tokens import latent_mask
-from . import pipeline, renoise, validate
+from . import families, pipeline, renoise, validate
 from .geometry import _ui_text, check_dit_window, dit_window_inputs, logged
-from .patch import apply_plan, is_inpainting, model_notes, schedule_position
+from .patch import apply_plan, model_notes, schedule_position
 
 CATEGORY = "harmonizing_attention/appearance_transfer"
 # On a diffusion transformer, cross-image attention acts in the later half of the blocks, the counterpart
@@ -79,10 +79,10 @@ def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.
     layout = AppearanceLayout(structure.shape[0])
     p = layout.pairs
     images = torch.cat([appearance, structure])
-    latents = vae.encode(images)
+    latents = pipeline.encode(vae, images)
     inpaint_latents = inpaint_masks = None
     positive = conditioning
-    if is_inpainting(model):
+    if families.is_inpainting(model):
         # the output rows are inverted too, under their own (fully masked) concat
         images = torch.cat([images, structure])
         latents = torch.cat([latents, latents[p:]])
@@ -189,7 +189,7 @@ class AppearanceInversion(io.ComfyNode):
                         "inversion does not need). The output of HA_CrossImageSampler starts from the structure's "
                         "latent.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet (the paper uses SD1.5), Flux.1 or SD3.x."),
+                io.Model.Input("model", tooltip=f"{families.SUPPORTED}. The paper uses SD1.5."),
                 io.Vae.Input("vae"),
                 io.Conditioning.Input("conditioning",
                                       tooltip="The inversion prompt, straight from CLIPTextEncode (paper: "
@@ -226,7 +226,8 @@ class AppearanceInversion(io.ComfyNode):
                            "both are denoised in one batch: scale the appearance image to the structure's size "
                            "(ImageScale)")
         validate.batches("structure", structure.shape[0], "appearance", appearance.shape[0])
-        validate.latent_size("structure", structure, validate.pixel_multiple(model))
+        validate.vae(model, vae)
+        validate.latent_size("structure", structure, model)
         renoise.check(renoise_iterations, renoise_average)
         notes = logged(model_notes(model, "HA_AppearanceInversion", renoise.STEP_CACHES))
         return io.NodeOutput(invert(model, vae, conditioning, structure, appearance, steps, denoise,

@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 from ..attention import color, edit, tokens
 from ..attention.kv import AUTO_AREA
 from ..attention.roles import BALANCE_MODES, GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES, balance
-from . import patch, pipeline, placement_view, renoise, validate
+from . import families, patch, pipeline, placement_view, renoise, validate
 from .pipeline import Inverted, Scene
 
 CATEGORY = "harmonizing_attention/geometry_transfer"
@@ -84,9 +84,9 @@ def dit_window_inputs(start: float = 0.0, end: float = 1.0, what: str = "the rul
     """Optional inputs naming the blocks of a diffusion transformer that are patched; a UNet ignores them."""
     return [
         io.Float.Input("dit_block_start", default=start, min=0.0, max=1.0, step=0.01, optional=True,
-                       tooltip=f"Diffusion transformers (Flux, SD3) only: {what} acts in the blocks from this fraction "
-                               "of the depth (blocks in call order: Flux's double-stream blocks, then its single-stream "
-                               "ones; the i-th of n sits at i / n). UNets ignore it."),
+                       tooltip=f"Diffusion transformers (Flux, SD3, Qwen-Image, Z-Image...) only: {what} acts in the "
+                               "blocks from this fraction of the depth (blocks in call order: Flux's double-stream blocks, "
+                               "then its single-stream ones; the i-th of n sits at i / n). UNets ignore it."),
         io.Float.Input("dit_block_end", default=end, min=0.0, max=1.0, step=0.01, optional=True,
                        tooltip="... until this fraction, exclusive (1: to the last block)."),
     ]
@@ -229,8 +229,7 @@ class TextureAligningInversion(io.ComfyNode):
                         "The geometry rows use Texture-aligning Attention (eq. 3): their queries also attend "
                         "to the target's keys and values, pulling the patch into the target's texture.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet (the paper uses SD1.5 inpainting), Flux.1 "
-                                                "(dev, schnell, Fill) or SD3.x."),
+                io.Model.Input("model", tooltip=f"{families.SUPPORTED}. The paper uses SD1.5 inpainting."),
                 io.Vae.Input("vae"),
                 io.Conditioning.Input("conditioning",
                                       tooltip="The prompt's conditioning (paper: empty prompt), straight from "
@@ -262,7 +261,8 @@ class TextureAligningInversion(io.ComfyNode):
         validate.same_size("source", scene.source, "target", scene.target,
                            "source and target are inverted in one batch: scale the source to the target's size "
                            "(ImageScale) before HA_GeometryImageEdit")
-        validate.latent_size("target", scene.target, validate.pixel_multiple(model))
+        validate.vae(model, vae)
+        validate.latent_size("target", scene.target, model)
         renoise.check(renoise_iterations, renoise_average)
         check_dit_window(dit_block_start, dit_block_end)
         weights, report = _balance(balance, balance_weight), []
@@ -355,7 +355,7 @@ class GeometryPreservingSampler(io.ComfyNode):
                              f"{family} model: connect the same MODEL to both nodes")
         check_dit_window(dit_block_start, dit_block_end)
         weights, report = _balance(balance, balance_weight), []
-        notes = logged(patch.model_notes(model, "HA_GeometryPreservingSampler", SAMPLER_STEP_CACHES[patch.is_dit(model)]))
+        notes = logged(patch.model_notes(model, "HA_GeometryPreservingSampler", SAMPLER_STEP_CACHES[families.is_dit(model)]))
         out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, (dit_block_start, dit_block_end),
                                      balance=weights, report=report)
         return io.NodeOutput({"samples": out}, {"samples": src}, ui=_ui_text(notes, "geometry-preserving", report))

@@ -11,13 +11,16 @@ attention of the whole batch, and only the rows our plan redirects are recompute
 another node installs for one pass only (PerturbedAttentionGuidance's perturbed pass, under the
 (stage, id) key) takes over that pass, as it intends.
 
-Diffusion transformers (Flux, Flux Fill, SD3.x) take the DiT path (`apply_dit_plan`), through three
-model-agnostic hooks and no class or forward of the model:
+Diffusion transformers (the families of nodes/families.py: Flux.1, Flux.2, Chroma, SD3.x, Qwen-Image,
+Z-Image) take the DiT path (`apply_dit_plan`), through three model-agnostic hooks and no class or forward
+of the model:
 - an APPLY_MODEL wrapper gives each model call a `DitCall` holding the latent's (h, w), from which
-  the patchified token grid follows;
+  the patchified token grid follows, and the context's text length as the family pads it;
 - a `patches_replace["dit"]` replace on each block in the layer window passes the block its place
   (`DitBlock`) in a copy of transformer_options, records the block's text length (its "txt" input;
-  Flux's single blocks reuse the double blocks' one), and chains to a replace already there;
+  Flux's single blocks reuse the double blocks' one), and chains to a replace already there. A family
+  without block replaces (Z-Image's NextDiT) names its blocks in transformer_options itself
+  (block_type / block_index), which is read instead;
 - `transformer_options["optimized_attention_override"]` runs the rule in the joint attention of
   those blocks (the image tokens of a [text; image; ...] sequence, or a sequence of image tokens
   alone) and hands every other call to the override already installed, or to ComfyUI's kernel.
@@ -25,68 +28,30 @@ model-agnostic hooks and no class or forward of the model:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 
-import comfy.model_base
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
 from ..attention.roles import Layer, RowPlan
-
-
-class UnsupportedModel(ValueError):
-    pass
-
-
-SUPPORTED = "SD1.x / SD2.x / SDXL UNets (and their inpainting versions), Flux.1 (dev, schnell, Fill), Chroma and SD3.x"
-
-
-def _family(model) -> str:
-    return type(getattr(model.model, "model_config", model.model)).__name__  # e.g. SDXL, Flux, SD3
-
-
-def is_dit(model) -> bool:
-    """A diffusion transformer the DiT path supports: Flux.1 (plain or Fill), Chroma (Flux's double and single
-    stream blocks, the same block patches; not Chroma Radiance, which works in pixel space) or SD3.x (MMDiT).
-    Any other model is a UNet or refused."""
-    return type(model.model) in (comfy.model_base.Flux, comfy.model_base.Chroma, comfy.model_base.SD3)
-
-
-def dit_blocks(model) -> list[tuple[str, int]]:
-    """ComfyUI's patches_replace["dit"] keys of the model's joint-attention blocks, in call order:
-    Flux ("double_block", i) then ("single_block", i); SD3 ("double_block", i) for its joint blocks."""
-    dit = model.get_model_object("diffusion_model")
-    family = _family(model)
-    config = model.model.model_config.unet_config
-    if isinstance(model.model, comfy.model_base.Flux):
-        channels, out = config.get("in_channels"), config.get("out_channels", 16)
-        if channels not in (out, out * 2 + out * 4):  # plain, or Fill: latent + masked image + 8x8 mask
-            raise UnsupportedModel(
-                f"this {family} model takes {channels} input channels: a Flux control model (Depth / Canny / "
-                "Redux-style image concat) needs its own control image, which the pack does not give. Load Flux.1 "
-                "dev / schnell or Flux.1 Fill.")
-        names = ("double_blocks", "single_blocks")
-    else:
-        names = ("joint_blocks",)
-    keys = []
-    for name, kind in zip(names, ("double_block", "single_block"), strict=False):
-        keys += [(kind, i) for i in range(len(getattr(dit, name, ())))]
-    if not keys:
-        raise UnsupportedModel(f"this {family} model ({type(dit).__name__}) has no joint-attention block to patch")
-    return keys
+from . import families
+from .families import UnsupportedModel
 
 
 def self_attention_blocks(model) -> list[tuple[str, int, int]]:
     """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them."""
     unet = model.get_model_object("diffusion_model")
-    family = _family(model)
+    family = families.model_name(model)
     if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
         raise UnsupportedModel(
             f"this model is {family} (a {type(unet).__name__} diffusion model), not a UNet of SpatialTransformers "
-            f"nor a supported diffusion transformer: Harmonizing Attention patches the self-attention of {SUPPORTED}, "
+            f"nor a supported diffusion transformer: Harmonizing Attention patches the self-attention of "
+            f"{families.SUPPORTED}, "
             "whose attention ComfyUI lets a node take over through its model patches. Load one of those checkpoints."
         )
     keys = []
@@ -101,14 +66,6 @@ def self_attention_blocks(model) -> list[tuple[str, int, int]]:
             "for Harmonizing Attention to patch. Load an SD1.x / SD2.x / SDXL checkpoint."
         )
     return keys
-
-
-def is_inpainting(model) -> bool:
-    """SD-style inpainting UNets (mask + masked image concat) and Flux Fill (masked image + packed mask)."""
-    if type(model.model) is comfy.model_base.Flux:
-        config = model.model.model_config.unet_config
-        return config.get("in_channels", 16) > 2 * config.get("out_channels", 16)
-    return tuple(getattr(model.model, "concat_keys", ())) == ("mask", "masked_image")
 
 
 def schedule_position(extra_options) -> float | None:
@@ -198,7 +155,7 @@ def apply_plan(model, plan: RowPlan, dit_window: tuple[float, float] = (0.0, 1.0
     """A clone of `model` whose self-attention follows `plan`; `model` itself is left untouched.
     `dit_window`: on a diffusion transformer, the [start, end) fraction of its depth that is patched
     (see apply_dit_plan); a UNet ignores it."""
-    if is_dit(model):
+    if families.is_dit(model):
         return apply_dit_plan(model, plan, dit_window)
     blocks = self_attention_blocks(model)
     patched = model.clone()
@@ -231,23 +188,45 @@ class DitCall:
 
 @dataclass(frozen=True)
 class DitBlock:
-    kind: str  # "double_block" (Flux double stream, SD3 joint) or "single_block" (Flux single stream)
+    kind: str  # "double_block" (Flux double stream, SD3 joint, Qwen-Image, Z-Image) or "single_block" (Flux single stream)
     index: int
     depth: float  # i / n for the i-th of the model's n blocks in call order
+
+
+def _replaced_block(options) -> Optional[DitBlock]:
+    """The block the pack's patches_replace["dit"] replace put in transformer_options (None outside its blocks)."""
+    return options.get(BLOCK_KEY)
+
+
+def _named_block(block_type: str, blocks: dict[int, DitBlock]) -> Callable[[dict], Optional[DitBlock]]:
+    """For a forward that names its joint blocks itself (families.DitFamily.named_blocks: block_type, block_index i):
+    the patched block of that index, else None."""
+    def block_of(options) -> Optional[DitBlock]:
+        return blocks.get(options.get("block_index")) if options.get("block_type") == block_type else None
+
+    return block_of
 
 
 @dataclass
 class _Dit:
     plan: RowPlan
-    patch: int  # latent pixels per token side (2 for Flux and SD3)
+    patch: int  # latent cells per token side (families.patch_size: 2, Flux.2's 1)
     previous: object = None  # the optimized_attention_override this one chains to
+    block_of: Callable[[dict], Optional[DitBlock]] = _replaced_block  # a layer call's block, from its options
 
 
-def _call_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-    # the text length until a block reports its own (SD3 may prepend register tokens to the context)
-    txt = c_crossattn.shape[1] if c_crossattn is not None else None
-    options = {**transformer_options, CALL_KEY: DitCall(tuple(int(v) for v in x.shape[-2:]), txt)}
-    return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+def _call_wrapper(text_tokens: Callable[[int], int]):
+    """The APPLY_MODEL wrapper; text_tokens: the context's length -> the text tokens the model attends to."""
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        if x.ndim == 5 and x.shape[2] != 1:  # [B, C, T, H, W]: T frames would be T grids of image tokens
+            raise RuntimeError(f"Harmonizing Attention takes single images, but this latent holds {x.shape[2]} frames "
+                               f"({tuple(x.shape)}): encode each image on its own")
+        # the text length until a block reports its own (SD3 may prepend register tokens to the context)
+        txt = text_tokens(c_crossattn.shape[1]) if c_crossattn is not None else None
+        options = {**transformer_options, CALL_KEY: DitCall(tuple(int(v) for v in x.shape[-2:]), txt)}
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    return wrapper
 
 
 def _block_replace(block: DitBlock, previous):
@@ -275,7 +254,7 @@ def _split(dit: _Dit, call: DitCall, tokens: int) -> tuple[tuple[int, int], tupl
         raise RuntimeError(
             f"Harmonizing Attention could not find the {h}x{w} image tokens of a {call.latent_hw[1]}x{call.latent_hw[0]} "
             f"latent in a joint attention of {tokens} tokens (text: {txt}): this model lays out its tokens in a way "
-            "the pack does not know. Use Flux.1 / Flux.1 Fill / Chroma / SD3.x without extra token inputs.")
+            f"the pack does not know. Use {families.DIT_NAMES} without reference-image inputs.")
     return (txt, txt + n), (h, w)
 
 
@@ -285,7 +264,7 @@ def _override(dit: _Dit):
 
     def override(func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
-        block, call = options.get(BLOCK_KEY), options.get(CALL_KEY)
+        block, call = dit.block_of(options), options.get(CALL_KEY)
 
         def host(*a, **kw):
             return dit.previous(func, *a, **kw) if dit.previous is not None else func(*a, **kw)
@@ -354,19 +333,23 @@ def apply_dit_plan(model, plan: RowPlan, window: tuple[float, float] = (0.0, 1.0
     start, end = window
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"the DiT block window is {start}-{end}: use fractions of the depth, 0 <= start <= end <= 1")
-    keys = dit_blocks(model)
+    family = families.family(model)
+    keys = families.dit_blocks(model)
+    placed = {key: DitBlock(key[0], key[1], i / len(keys)) for i, key in enumerate(keys) if start <= i / len(keys) < end}
     patched = model.clone()
     to = patched.model_options["transformer_options"]
-    dit = _Dit(plan, int(getattr(model.get_model_object("diffusion_model"), "patch_size", 2)),
-               previous=to.get("optimized_attention_override"))
-    existing = to.get("patches_replace", {}).get("dit", {})
-    for i, key in enumerate(keys):
-        depth = i / len(keys)
-        if start <= depth < end:
-            patched.set_model_patch_replace(_block_replace(DitBlock(key[0], key[1], depth), existing.get(key)),
-                                            "dit", *key)
+    if family.named_blocks is None:
+        existing = to.get("patches_replace", {}).get("dit", {})
+        for key, block in placed.items():
+            patched.set_model_patch_replace(_block_replace(block, existing.get(key)), "dit", *key)
+        block_of = _replaced_block
+    else:
+        block_of = _named_block(family.named_blocks, {block.index: block for block in placed.values()})
+    dit = _Dit(plan, families.patch_size(model), previous=to.get("optimized_attention_override"), block_of=block_of)
+    text_tokens = partial(family.text_tokens, model.get_model_object("diffusion_model"))
     comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
-                                                 _call_wrapper, patched.model_options, is_model_options=True)
+                                                 _call_wrapper(text_tokens), patched.model_options,
+                                                 is_model_options=True)
     patched.model_options["transformer_options"]["optimized_attention_override"] = _override(dit)
     return patched
 

@@ -24,7 +24,8 @@ from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, te
 from ..attention.tokens import blend, latent_mask
 from ..attention.trajectory import Trajectory
 from . import reuse
-from .patch import apply_plan, is_dit, is_inpainting, without_step_caches
+from .families import is_dit, is_inpainting
+from .patch import apply_plan, without_step_caches
 
 SCHEDULER = "ddim_uniform"  # DDIM's timesteps; the sampler below is DDIM itself (eta = 0)
 FLOW_SCHEDULER = "simple"  # rectified-flow models (Flux, SD3): their own shifted sigmas, evenly in time
@@ -77,12 +78,12 @@ class Inverted:
     """
 
     scene: Scene
-    latents: torch.Tensor  # [S + 2P, C, h, w] at sigmas[0]
+    latents: torch.Tensor  # [S + 2P, C, h, w] at sigmas[0] ([S + 2P, C, 1, h, w] for a video VAE's 5-D latents)
     sigmas: torch.Tensor  # the generation schedule, descending, ending at 0
     model_family: str
     inpaint_latents: Optional[torch.Tensor]  # [S + 2P, C, h, w] masked images, for inpainting models
-    blended: Optional[torch.Tensor] = None  # [P, C, h, w]
-    blend_mask: Optional[torch.Tensor] = None  # [P, 1, h, w]
+    blended: Optional[torch.Tensor] = None  # [P, C, h, w] (or [P, C, 1, h, w])
+    blend_mask: Optional[torch.Tensor] = None  # [P, 1, h, w] (or [P, 1, 1, h, w]: broadcast over the latents)
     guidance: Optional[float] = None  # a guidance-distilled model's (Flux dev) guidance input of the inversion
 
     @property
@@ -186,11 +187,19 @@ def with_inpaint(conditioning, masked_latents: Optional[torch.Tensor], masks: to
     )
 
 
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """Latents of images [B, H, W, 3], one per image: [B, C, h, w], or [B, C, 1, h, w] from a video VAE (Qwen-Image's
+    Wan VAE), which would take a batch of images as the frames of one video."""
+    if getattr(vae, "latent_dim", 2) == 3:
+        return torch.cat([vae.encode(image[None]) for image in images[..., :3]])
+    return vae.encode(images[..., :3])
+
+
 def masked_image_latents(vae, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """An inpainting model's masked images, encoded: pixels inside the (rounded) mask set to grey, as
     InpaintModelConditioning does. images [B, H, W, C], masks [B, H, W]."""
     keep = (1.0 - masks.round())[..., None]
-    return vae.encode((images[..., :3] - 0.5) * keep + 0.5)
+    return encode(vae, (images[..., :3] - 0.5) * keep + 0.5)
 
 
 class _FromLatent(comfy.samplers.KSAMPLER):
@@ -283,7 +292,7 @@ def _rows_from(rules: list, first: int, recorded: bool = False) -> list:
 
 def _encode(model, vae, images: torch.Tensor, masks: torch.Tensor):
     """(latents, masked-image latents or None) of images [B, H, W, 3] with region masks [B, H, W]."""
-    latents = vae.encode(images[..., :3])
+    latents = encode(vae, images)
     return latents, masked_image_latents(vae, images, masks) if is_inpainting(model) else None
 
 
@@ -337,6 +346,7 @@ def blend_latents(inverted: Inverted, feather: float) -> Inverted:
     z_tar = z[layout.tar(0): layout.tar(0) + layout.pairs]
     z_geo = z[layout.geo(0): layout.geo(0) + layout.pairs]
     m = latent_mask(inverted.scene.geometry_mask, z.shape[-2], z.shape[-1], feather).to(z)
+    m = m.view(m.shape[0], 1, *[1] * (z.ndim - 4), *m.shape[-2:])  # over 5-D latents' frame too
     return replace(inverted, blended=blend(z_geo, z_tar, m), blend_mask=m)
 
 

@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from .patch import dit_blocks, is_dit, is_inpainting, self_attention_blocks
+from . import families
+from .patch import self_attention_blocks
 
 
 def _hw(t: torch.Tensor) -> str:
@@ -40,27 +41,23 @@ def batches(a_name: str, a: int, b_name: str, b: int) -> None:
         )
 
 
-def latent_size(name: str, t: torch.Tensor, multiple: int = 8) -> None:
+def latent_size(name: str, t: torch.Tensor, model) -> None:
+    """The image's sides are multiples of the model's pixel step (families.pixel_step)."""
     h, w = t.shape[-3:-1]
+    multiple, patch = families.pixel_step(model), families.patch_size(model)
     if h % multiple or w % multiple:
         raise ValueError(
             f"{name} is {w}x{h}: width and height must be multiples of {multiple} for the VAE"
-            f"{'' if multiple == 8 else ' and the 2x2 patches of the model'}; "
+            f"{f' and the {patch}x{patch} patches of the model' if patch > 1 else ''}; "
             f"resize or crop it (e.g. to {w // multiple * multiple}x{h // multiple * multiple})"
         )
 
 
-def pixel_multiple(model) -> int:
-    """Image sides must be multiples of this: the VAE's 8, times a DiT's 2x2 patches (16), so that every image
-    token covers whole pixels of the masks (a DiT pads an odd latent, which would shift its token grid)."""
-    return 16 if is_dit(model) else 8
-
-
 def unet(model) -> None:
-    """The model is a UNet or a diffusion transformer (Flux.1, Flux.1 Fill, SD3.x) we can patch; any other
-    family is refused with its name."""
-    if is_dit(model):
-        dit_blocks(model)
+    """The model is a UNet or a diffusion transformer of families.FAMILIES we can patch; any other family is refused
+    with its name."""
+    if families.is_dit(model):
+        families.dit_blocks(model)
         return
     self_attention_blocks(model)
     in_channels = model.model.model_config.unet_config.get("in_channels")
@@ -69,13 +66,33 @@ def unet(model) -> None:
             f"this UNet takes {in_channels} input channels; the pack handles 4-channel models and "
             "9-channel inpainting models"
         )
-    if in_channels == 9 and not is_inpainting(model):
+    if in_channels == 9 and not families.is_inpainting(model):
         raise ValueError("this 9-channel UNet is not set up as an inpainting model: load it with CheckpointLoaderSimple")
 
 
+def vae(model, vae) -> None:
+    """The VAE makes the latents the model takes ([B, C, H, W], or [B, C, T, H, W] for Qwen-Image's Wan VAE): another
+    model's VAE would fail as a shape error inside sampling."""
+    want = (model.model.latent_format.latent_channels, families.latent_dims(model))
+    got = (getattr(vae, "latent_channels", want[0]), getattr(vae, "latent_dim", 2))
+    if got != want:
+        shape = lambda c, d: f"{c}-channel {'video (5-D)' if d == 3 else 'image'} latents"  # noqa: E731
+        raise ValueError(f"the VAE makes {shape(*got)} but this {families.model_name(model)} model takes "
+                         f"{shape(*want)}: connect the VAE of this model's checkpoint (the VAELoader file that comes "
+                         "with it)")
+
+
 def inpaint_conditioning_free(conditioning, node: str) -> None:
-    """Our nodes build each row's inpainting conditioning; a prebuilt one would be silently replaced."""
+    """Our nodes build each row's inpainting conditioning; a prebuilt one would be silently replaced. Nor may it carry
+    reference images (their tokens would be the same in every row, whatever image the row holds)."""
     for _, extra in conditioning:
+        if extra.get("reference_latents") is not None:
+            raise ValueError(
+                f"the conditioning given to {node} carries reference images (reference_latents, from ReferenceLatent / "
+                "TextEncodeQwenImageEdit(Plus) / a Kontext or Flux.2 reference node): every row of the transfer would "
+                "see that one image, whatever image the row holds. Connect a plain CLIPTextEncode: the pack gives the "
+                "model its images itself (an Edit checkpoint then works as a text-to-image model)"
+            )
         if "concat_latent_image" in extra or "concat_mask" in extra:
             raise ValueError(
                 f"the conditioning given to {node} already carries inpainting inputs (from InpaintModelConditioning): "
@@ -89,7 +106,12 @@ TEXT_ENCODERS = {
     1024: "OpenCLIP ViT-H, as SD2.x uses",
     1280: "OpenCLIP ViT-bigG alone, as the SDXL refiner uses",
     2048: "CLIP-L + OpenCLIP ViT-bigG, as SDXL uses",
-    4096: "T5-XXL, as Flux and SD3 use",
+    4096: "T5-XXL, as Flux.1 and SD3 use",
+    2560: "Qwen3 4B, as Z-Image uses",
+    3584: "Qwen2.5-VL 7B, as Qwen-Image uses",
+    7680: "Qwen3 4B (3 layers), as Flux.2 Klein 4B uses",
+    12288: "Qwen3 8B (3 layers), as Flux.2 Klein 9B uses",
+    15360: "Mistral Small 3.1 24B (3 layers), as Flux.2 dev uses",
 }
 
 
@@ -101,7 +123,7 @@ def conditioning_width(model, conditioning, name: str) -> None:
     """The conditioning's tokens are as wide as the model's cross-attention expects: an SDXL prompt in an SD1.5
     model would otherwise fail as a matrix-shape error deep inside sampling."""
     config = model.model.model_config.unet_config
-    expected = config.get("context_dim") or config.get("context_in_dim")
+    expected = config.get("context_dim") or config.get("context_in_dim") or families.text_width(model)
     if not expected:
         return
     for cond, _ in conditioning:

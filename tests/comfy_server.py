@@ -48,10 +48,13 @@ def shipped_checkpoints() -> dict[str, Path | None]:
             for name in sorted(shipped_checkpoint_names())}
 
 
-SEPARATE_LOADERS = {"UNETLoader": 0, "DualCLIPLoader": 1, "VAELoader": 2}  # -> HATest_TinyCheckpoint's output
+SEPARATE_LOADERS = {"UNETLoader": 0, "CLIPLoader": 1, "DualCLIPLoader": 1, "VAELoader": 2}  # -> HATest_TinyCheckpoint's
 # the model folder of each file input of those loaders
-LOADER_FILES = {"unet_name": "diffusion_models", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
-                "vae_name": "vae"}
+LOADER_FILES = {"unet_name": "diffusion_models", "clip_name": "text_encoders", "clip_name1": "text_encoders",
+                "clip_name2": "text_encoders", "vae_name": "vae"}
+# the test pack's tiny model standing in for a loader, by the first of these fragments its (lower-case) file name holds
+TINY_MODELS = (("flux2", "tiny-flux2"), ("flux", "tiny-flux-fill"), ("qwen_image", "tiny-qwen-image"),
+               ("z_image", "tiny-z-image"), ("sd3", "tiny-sd3"))
 
 
 def shipped_model_files() -> set[tuple[str, str]]:
@@ -77,7 +80,16 @@ def runnable(base: Path, prompt: dict) -> bool:
 def tiny_for(loader: dict) -> str:
     """The test pack's tiny model standing in for a shipped loader no tiny file can replace."""
     name = next(iter(loader["inputs"].values())).lower()
-    return "tiny-flux-fill" if "flux" in name else "tiny-sd3" if "sd3" in name else "tiny-sdxl"
+    return next((tiny for part, tiny in TINY_MODELS if part in name), "tiny-sdxl")
+
+
+def missing_family(prompt: dict, vae: bool = True) -> str | None:
+    """Why this ComfyUI cannot run the prompt with the test pack's tiny models (a family it lacks; with `vae`, or whose
+    tiny VAE it cannot build), or None."""
+    import harness
+
+    tinies = {tiny for tiny, _, _ in loader_swaps(prompt).values() if tiny in harness.TINY_FAMILIES}
+    return next(filter(None, (harness.family_missing(tiny, vae) for tiny in sorted(tinies))), None)
 
 
 def loader_swaps(prompt: dict) -> dict[str, tuple[str, str, int | None]]:

@@ -47,8 +47,9 @@ def test_missing_checkpoint_is_reported_before_any_environment_build(tmp_path):
 def test_help_names_the_images_their_nodes_and_the_widgets():
     run = _run(["--help"], timeout=60, PYTHON="/nonexistent")  # the help needs no ComfyUI environment
     assert run.returncode == 0, run.stderr
-    for text in ("--source FILE   node 3 LoadImage: crack_source.png", "--mask FILE   node 3 LoadImage MASK (its alpha, "
-                 "painted in the mask editor): crack_source.png", "--target FILE   node 5 LoadImage: target_brick.png", "default files in --input-dir",
+    for text in ("--source FILE   node 3 LoadImage: crack_source.png",
+                 "--mask FILE   node 3 LoadImage MASK (its alpha, painted in the mask editor): crack_source.png",
+                 "--target FILE   node 5 LoadImage: target_brick.png", "default files in --input-dir",
                  "8 HA_TextureAligningInversion: steps=25 renoise_iterations=5", "6 HA_GeometryImageEdit: shift_x=0.0",
                  '1 CheckpointLoaderSimple: ckpt_name="sd-v1-5-inpainting.safetensors"  (or --ckpt)', "--check",
                  "its image is noise", "example_images"):
