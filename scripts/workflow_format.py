@@ -528,11 +528,15 @@ def thumbnail(graph: Graph, tmpl: Template, size: int = 512):
         _outline(canvas, mask.resize(scene.size, Image.NEAREST), ((size - scene.width) // 2, (size - scene.height) // 2))
         inset = pil(out[source][0])
         inset.thumbnail((size * 3 // 8, size * 3 // 8), Image.LANCZOS)
-        canvas.paste((255, 255, 255), (10, 10, inset.width + 16, inset.height + 16))
-        canvas.paste(inset, (13, 13))
+        # a bottom corner (the latest frontend's card badge covers the top left), away from the placed patch
+        left = np.nonzero(np.asarray(mask).any(axis=0))[0].mean() > mask.width / 2
+        corner = (13 if left else size - inset.width - 13, size - size // 8 - inset.height - 13)
+        canvas.paste((255, 255, 255), (corner[0] - 3, corner[1] - 3, corner[0] + inset.width + 3,
+                                       corner[1] + inset.height + 3))
+        canvas.paste(inset, corner)
         source_mask = out[masker][1 if kinds[masker] == "LoadImage" else 0][0].numpy() >= 0.5
-        _outline(canvas, Image.fromarray(source_mask.astype(np.uint8) * 255).resize(inset.size, Image.NEAREST), (13, 13))
-        label("source", (13, inset.height + 22), height=size // 28)
+        _outline(canvas, Image.fromarray(source_mask.astype(np.uint8) * 255).resize(inset.size, Image.NEAREST), corner)
+        label("source", (corner[0], corner[1] - 10), anchor="ld", height=size // 28)
         label(f"placed {graph.thing()}, before Run", (size - 12, 14), anchor="ra", height=size // 28)
     else:
         loaders = sorted(graph.roles, key=lambda k: _role_order(graph, k))[:2]

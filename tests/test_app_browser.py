@@ -311,7 +311,7 @@ def test_bypassing_color_shift_in_the_ui_removes_its_effect(browser_page, app_se
 # ---------------------------------------------------------------- templates, layout, search
 
 OPEN_TEMPLATES = "() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')"
-PACK_TITLE = "Harmonizing Attention"  # the template browser's name for the pack (locales/en/main.json)
+PACK_TITLE = "Harmonizing Attn."  # the template browser's name for the pack (locales/en/main.json)
 CARD = '[data-testid="template-workflow-{}"]'
 # a link the frontend clicks to download (an <a download> in the browser): record its address instead of leaving
 CATCH_DOWNLOADS = """() => { window.__haOpened = [];
@@ -417,6 +417,7 @@ def test_template_opens_laid_out_for_reading(browser_page, app_server, title, tm
         open_template(page, title)
         layout = page.evaluate(LAYOUT)
         nodes = layout["nodes"]
+        print(f"\n{title}: fitted at zoom {layout['scale']:.3f}, titles drawn from {layout['threshold']:.3f}")
         assert overlaps(nodes) == []
         assert [n["title"] for n in nodes if n["titleWidth"] > n["rect"][2] - 2 * layout["titleHeight"]] == []
         assert layout["scale"] >= layout["threshold"] and not layout["lowQuality"], layout["scale"]
