@@ -258,11 +258,6 @@ class Graph:
         self.depth: dict[str, int] = {}
         for node_id in api:
             self._level(node_id)
-        self.consumers: dict[str, list[tuple[str, str, int]]] = {k: [] for k in api}  # (node, input, slot)
-        for node_id, node in api.items():
-            for name, value in node["inputs"].items():
-                if isinstance(value, list):
-                    self.consumers[value[0]].append((node_id, name, value[1]))
         self.roles = self._roles()
         self.stage = {}
         for node_id in sorted(api, key=lambda k: (self.depth[k], int(k))):
