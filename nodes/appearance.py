@@ -27,9 +27,10 @@ from ..attention.roles import RowPlan
 from ..attention.tokens import latent_mask
 from . import families, pipeline, renoise, validate
 from .geometry import _ui_text, check_dit_window, dit_window_inputs, logged
+from .naming import APPEARANCE_CATEGORY as CATEGORY
+from .naming import APPEARANCE_WORDS, search_aliases
 from .patch import apply_plan, model_notes, schedule_position
 
-CATEGORY = "harmonizing_attention/appearance_transfer"
 # On a diffusion transformer, cross-image attention acts in the later half of the blocks, the counterpart
 # of the UNet decoder layers it uses; those blocks follow the full_res step window.
 DIT_WINDOW = (0.5, 1.0)
@@ -182,12 +183,13 @@ class AppearanceInversion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HA_AppearanceInversion",
-            display_name="Appearance Inversion (Cross-Image Attention)",
+            display_name="Appearance/Texture Transfer · Inversion",
             category=CATEGORY,
-            description="Inverts the structure and appearance images to noise with DDIM + ReNoise (deterministic; "
+            description="Turns the structure and appearance images into noise for the appearance transfer's sampler. "
+                        "DDIM + ReNoise (deterministic; "
                         "the paper uses edit-friendly DDPM inversion, whose per-step noise maps an accurate "
-                        "inversion does not need). The output of HA_CrossImageSampler starts from the structure's "
-                        "latent.",
+                        "inversion does not need). The sampler's output starts from the structure's latent.",
+            **search_aliases(APPEARANCE_WORDS, "appearance inversion", "inversion", "renoise"),
             inputs=[
                 io.Model.Input("model", tooltip=f"{families.SUPPORTED}. The paper uses SD1.5."),
                 io.Vae.Input("vae"),
@@ -244,13 +246,16 @@ class CrossImageSampler(io.ComfyNode):
         (full_start, full_end), (half_start, half_end) = PAPER_WINDOWS[1], PAPER_WINDOWS[2]
         return io.Schema(
             node_id="HA_CrossImageSampler",
-            display_name="Cross-Image Sampler (Cross-Image Attention)",
+            display_name="Appearance/Texture Transfer · Sampler",
             category=CATEGORY,
-            description="DDIM over the inversion's schedule, denoising [appearance, structure, output] together. "
+            description="Generates the structure image with the colours and textures of the appearance image "
+                        "(Cross-Image Attention). DDIM over the inversion's schedule, denoising [appearance, "
+                        "structure, output] together. "
                         "In the decoder's self-attention at the two finest resolutions the output's queries "
                         "attend to the appearance image's keys and values (eq. 2), with contrast (eq. 3), "
                         "appearance guidance (eq. 4), AdaIN to the appearance latent (eq. 5) and periodic "
                         "structure injection (appendix A). Fractions are of the schedule's steps.",
+            **search_aliases(APPEARANCE_WORDS, "cross-image sampler", "sampler"),
             inputs=[
                 io.Model.Input("model", tooltip="The model the inversion used."),
                 io.Conditioning.Input("positive", tooltip="Paper: the inversion prompt ('A photo of a <domain>')."),

@@ -8,8 +8,8 @@ from comfy_api.latest import io
 
 from ..attention import composite
 from . import validate
-
-CATEGORY = "harmonizing_attention/geometry_transfer"
+from .naming import DEFECT_CATEGORY as CATEGORY
+from .naming import DEFECT_WORDS, search_aliases
 
 
 class DetailPreservingComposite(io.ComfyNode):
@@ -17,11 +17,12 @@ class DetailPreservingComposite(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HA_DetailPreservingComposite",
-            display_name="Detail-preserving Composite (Harmonizing Attention)",
+            display_name="Crack/Defect Transfer · Composite",
             category=CATEGORY,
-            description="Puts the decoded output back on the original target: the decoded pixels inside M_geo, the "
+            description="Puts the generated defect back on the original target photo: the decoded pixels inside M_geo, the "
                         "target's own pixels outside a blend band around it (bit for bit, so the background carries "
                         "no VAE round-trip error), and a Laplacian-pyramid blend over the feathered mask between them.",
+            **search_aliases(DEFECT_WORDS, "composite", "detail-preserving composite", "paste back"),
             inputs=[
                 io.Image.Input("image", tooltip="The decoded composite (VAEDecode of the sampler's latent)."),
                 io.Image.Input("target", tooltip="The original target image given to HA_GeometryImageEdit."),

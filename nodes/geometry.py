@@ -14,9 +14,10 @@ from ..attention import color, edit, tokens
 from ..attention.kv import AUTO_AREA
 from ..attention.roles import BALANCE_MODES, GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES, balance
 from . import families, patch, pipeline, placement_view, renoise, validate
+from .naming import DEFECT_CATEGORY as CATEGORY
+from .naming import DEFECT_WORDS, search_aliases
 from .pipeline import Inverted, Scene
 
-CATEGORY = "harmonizing_attention/geometry_transfer"
 SceneType = io.Custom("HA_SCENE")
 InvertedType = io.Custom("HA_INVERTED")
 
@@ -118,10 +119,13 @@ class GeometryImageEdit(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HA_GeometryImageEdit",
-            display_name="Geometry Image Edit (Harmonizing Attention)",
+            display_name="Crack/Defect Transfer · Place",
             category=CATEGORY,
-            description="Crops the source by its mask, moves it with shift / scale / rotation onto the target "
-                        "canvas, and pastes it there: the geometry image and mask M_geo = T(M_src).",
+            description="Places the crack, hole, scratch or other defect of the source photo on the target photo: cuts "
+                        "the source by its mask and moves it by shift / scale / rotation (drag it in the node's "
+                        "placement view). Gives the pasted preview and the scene the next steps use. Paper: the "
+                        "geometry image and its mask M_geo = T(M_src).",
+            **search_aliases(DEFECT_WORDS, "place", "paste", "geometry image edit"),
             inputs=[
                 io.Image.Input("source", tooltip="The image holding the geometry to transfer (holes, cracks, drops...)."),
                 io.Mask.Input("source_mask", tooltip="1 on the geometry to transfer; binarised at 0.5. Same size as source."),
@@ -164,11 +168,12 @@ class ColorShift(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HA_ColorShift",
-            display_name="Color Shift (Harmonizing Attention)",
+            display_name="Crack/Defect Transfer · Color Shift",
             category=CATEGORY,
-            description="Eq. 1: p_geo = p + a * M_geo * (c_tar - c_src), c_src / c_tar the mean colours on rings "
-                        "around the source mask and around M_geo. Moves the patch's colour towards the target "
-                        "while keeping the colour differences that draw its geometry.",
+            description="Moves the pasted patch's colour towards the target around it, keeping the colour differences "
+                        "that draw the defect. Eq. 1: p_geo = p + a * M_geo * (c_tar - c_src), c_src / c_tar the mean "
+                        "colours on rings around the source mask and around M_geo.",
+            **search_aliases(DEFECT_WORDS, "color shift", "colour", "color match"),
             inputs=[
                 SceneType.Input("scene"),
                 io.Combo.Input("mode", options=list(COLOR_MODES), default="mean_shift",
@@ -223,11 +228,14 @@ class TextureAligningInversion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HA_TextureAligningInversion",
-            display_name="Texture-aligning Inversion (Harmonizing Attention)",
+            display_name="Crack/Defect Transfer · Texture Inversion",
             category=CATEGORY,
-            description="DDIM inversion with ReNoise of the source, target and geometry images in one batch. "
-                        "The geometry rows use Texture-aligning Attention (eq. 3): their queries also attend "
-                        "to the target's keys and values, pulling the patch into the target's texture.",
+            description="Turns the source, target and pasted images into noise, pulling the pasted patch into the "
+                        "target's texture on the way. DDIM inversion with ReNoise of the three images in one batch; "
+                        "the pasted rows use Texture-aligning Attention (eq. 3): their queries also attend to the "
+                        "target's keys and values.",
+            **search_aliases(DEFECT_WORDS, "texture", "texture-aligning inversion", "inversion", "ddim inversion",
+                             "renoise"),
             inputs=[
                 io.Model.Input("model", tooltip=f"{families.SUPPORTED}. The paper uses SD1.5 inpainting."),
                 io.Vae.Input("vae"),
@@ -278,9 +286,11 @@ class LatentBlend(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HA_LatentBlend",
-            display_name="Latent Blend (Harmonizing Attention)",
+            display_name="Crack/Defect Transfer · Latent Blend",
             category=CATEGORY,
-            description="Eq. 4: z_out = z_geo * m_geo + z_tar * (1 - m_geo), m_geo the geometry mask at latent size.",
+            description="Starts the generation from the target's noise, with the pasted patch's noise inside its mask. "
+                        "Eq. 4: z_out = z_geo * m_geo + z_tar * (1 - m_geo), m_geo the geometry mask at latent size.",
+            **search_aliases(DEFECT_WORDS, "latent blend", "blend"),
             inputs=[
                 InvertedType.Input("inverted"),
                 io.Float.Input("feather", default=0.0, min=0.0, max=16.0, step=0.1,
@@ -308,12 +318,14 @@ class GeometryPreservingSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HA_GeometryPreservingSampler",
-            display_name="Geometry-preserving Sampler (Harmonizing Attention)",
+            display_name="Crack/Defect Transfer · Sampler",
             category=CATEGORY,
-            description="DDIM over the inversion's schedule, denoising the blended latent together with the "
+            description="Generates the result from the blended noise and keeps the defect's shape. DDIM over the "
+                        "inversion's schedule, denoising the blended latent together with the "
                         "source. The output rows use Geometry-preserving Attention (eqs. 5-7): they also attend "
                         "to the source's tokens inside the source mask (with several geometries: every source's, each "
                         "inside its own mask), so the geometry survives denoising.",
+            **search_aliases(DEFECT_WORDS, "sampler", "geometry-preserving sampler", "ddim"),
             inputs=[
                 io.Model.Input("model", tooltip="The model the inversion used."),
                 io.Conditioning.Input("positive", tooltip="Paper: the empty prompt, as for the inversion."),
@@ -372,13 +384,14 @@ class AddGeometry(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HA_AddGeometry",
-            display_name="Add Geometry (Harmonizing Attention)",
+            display_name="Crack/Defect Transfer · Add Another",
             category=CATEGORY,
-            description="Adds one more geometry (source, mask, placement) to a scene, for several geometries on one "
-                        "target in one inversion and one generation. Chain one per extra geometry after "
-                        "HA_GeometryImageEdit, before HA_ColorShift. Where placements overlap, the geometry added "
+            description="Adds one more crack or defect (source, mask, placement) to the scene, for several on one "
+                        "target in one inversion and one generation. Chain one per extra defect after "
+                        "Place, before Color Shift. Where placements overlap, the geometry added "
                         "last is on top (its pixels and mask win). The output attends to every source inside its "
                         "own mask; the batch gains one source row per geometry.",
+            **search_aliases(DEFECT_WORDS, "add geometry", "several", "multiple"),
             inputs=[
                 SceneType.Input("scene", tooltip="From HA_GeometryImageEdit or another HA_AddGeometry."),
                 io.Image.Input("source", tooltip="The image holding this geometry; the same size as the scene's sources."),

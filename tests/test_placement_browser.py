@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import test_app_browser
 from comfy_server import error_of
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, WORKFLOWS, _missing, api_prompt, drop_workflow, set_widgets
+from test_app_browser import CHROMIUM, CHROMIUM_ARGS, WORKFLOWS, _missing, api_prompt, drop_workflow, set_widgets, ui_workflow
 
 browser_page = test_app_browser.browser_page  # the app page fixture: one headless Chromium per module
 
@@ -29,9 +29,9 @@ pytestmark = [pytest.mark.app, pytest.mark.browser]
 
 MATH_JS = comfy_server.PACK_ROOT / "web" / "placement_math.js"
 SCREENSHOT = comfy_server.PACK_ROOT / "docs" / "placement_view.png"
-WORKFLOW = WORKFLOWS / "geometry_transfer.json"
+WORKFLOW = ui_workflow("geometry_transfer")
 EDIT = 6  # HA_GeometryImageEdit in the shipped workflow
-MULTI = WORKFLOWS / "multi_geometry_transfer.json"
+MULTI = ui_workflow("multi_geometry_transfer")
 ADD = 14  # the first HA_AddGeometry of the shipped multi-geometry workflow
 
 VIEW = "(id) => window.app.graph.getNodeById(id).haPlacement.describe()"
