@@ -90,7 +90,7 @@ def headline(results: list) -> str:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--markdown", action="store_true", help="the compact Markdown table of the README")
+    p.add_argument("--markdown", action="store_true", help="the compact Markdown table of docs/method.md")
     p.add_argument("--quick", action="store_true", help="the 64 and 32 layers only")
     args = p.parse_args()
     results = list(measure(SIZES[:2] if args.quick else SIZES))

@@ -369,7 +369,7 @@ def generate_sources(model, positive, negative, inverted: Inverted, cfg: float):
     Like their inversion, they depend on neither the placement nor the colour shift: a re-run with the same
     inverted sources, model, conditioning, cfg and schedule takes them from reuse.CACHE when they fit its
     budget (SD1.5 at 512 x 512, 25 steps: ~46 MB per step x the mask's fraction of the image in fp16,
-    x 2 in fp32 or with cfg != 1; see the README's "Re-runs reuse what did not change")."""
+    x 2 in fp32 or with cfg != 1; see docs/method.md, "Re-runs reuse what did not change")."""
     sources = inverted.layout.sources
     masks = _row_masks(inverted.scene, "generation")[:sources]
     inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:sources]

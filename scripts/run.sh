@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job and the install check (README: "Use it from the command line"):
+# The main job and the install check (README: "From the command line"):
 #   bash scripts/run.sh --ckpt sd-v1-5-inpainting.safetensors                   the example images
 #   bash scripts/run.sh --source A.jpg --mask M.png --target B.jpg --ckpt ...   your own photos, any folder
 #   bash scripts/run.sh --check                                                 check the install: tiny random model
