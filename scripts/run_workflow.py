@@ -194,6 +194,11 @@ def resolve_checkpoint(prompt: dict, ckpt: str | None, extra_paths_read: bool = 
     import folder_paths
 
     loaders = [n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    if ckpt and not loaders:
+        others = ", ".join(f"--set {k}.{name}=FILE ({prompt[k]['class_type']})" for k in sorted(prompt, key=_node_order)
+                           for name in MODEL_FILES.get(prompt[k]["class_type"], {}))
+        raise Refused(f"--ckpt sets the file of a Load Checkpoint node, and this workflow has none: it loads its model "
+                      f"files with other loaders; set them with {others or '--set NODE.INPUT=FILE'}")
     for node in loaders:
         name = ckpt or node["inputs"]["ckpt_name"]
         path = Path(name).expanduser()
@@ -211,6 +216,27 @@ def resolve_checkpoint(prompt: dict, ckpt: str | None, extra_paths_read: bool = 
                 "to check the install without it: bash scripts/run.sh --check)."
             )
         node["inputs"]["ckpt_name"] = name
+
+
+# the model files of the other loaders: class -> {widget: ComfyUI's models folder}
+MODEL_FILES = {"UNETLoader": {"unet_name": "diffusion_models"}, "VAELoader": {"vae_name": "vae"},
+               "CLIPLoader": {"clip_name": "text_encoders"},
+               "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"}}
+
+
+def check_model_files(prompt: dict) -> None:
+    """Every model file the workflow's other loaders read is in ComfyUI's model folders: one message for all missing."""
+    import folder_paths
+
+    missing = [(k, n["class_type"], name, n["inputs"][name], folder)
+               for k, n in sorted(prompt.items(), key=lambda kv: _node_order(kv[0]))
+               for name, folder in MODEL_FILES.get(n["class_type"], {}).items()
+               if isinstance(n["inputs"].get(name), str) and folder_paths.get_full_path(folder, n["inputs"][name]) is None]
+    if missing:
+        lines = "\n  ".join(f"node {k} ({cls}) {name}: {file} in {os.path.join(folder_paths.models_dir, folder)}"
+                            for k, cls, name, file, folder in missing)
+        raise Refused(f"model files not found:\n  {lines}\nDownload them into those folders (the workflow's read-me "
+                      "note and the README's model table link each file), or give another name with --set NODE.INPUT=FILE.")
 
 
 def read_extra_model_paths() -> bool:
@@ -265,6 +291,9 @@ def for_check(prompt: dict) -> int:
     """--check's changes: fewer steps, one ReNoise iteration, noise-named outputs. Returns the checkpoint's input
     channels (9 for an inpainting loader name, else 4)."""
     channels = 4
+    if not any(n["class_type"] == "CheckpointLoaderSimple" for n in prompt.values()):
+        raise Refused("--check runs SD1.5 workflows only (a tiny SD1.5 checkpoint), and this one loads no checkpoint (its "
+                      "model comes from other loaders): check the install with the default workflow")
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
@@ -401,6 +430,8 @@ def prepare(args) -> tuple[dict, str]:
     extra = read_extra_model_paths()
     if not args.check:
         resolve_checkpoint(prompt, args.ckpt, extra_paths_read=extra)
+        if extra:
+            check_model_files(prompt)
     return prompt, root
 
 

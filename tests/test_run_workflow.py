@@ -68,6 +68,7 @@ def test_refusals_name_the_file_and_the_fix(comfy, tmp_path):
     evaluate.save_image(harness.make_image("noise:1", 64, 64), tmp_path / "cut.png")
     whole = (tmp_path / "cut.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    flux2 = harness.PACK_ROOT / "workflows" / "api" / "flux2_geometry_transfer.json"  # UNET / CLIP / VAE loaders
     cases = [
         (["--set", "3.image=nope.png"], "node 3 (LoadImage) reads nope.png, which is not in"),
         (["--set", "3.image=nope.png"], "give the file with --source FILE"),
@@ -77,6 +78,11 @@ def test_refusals_name_the_file_and_the_fix(comfy, tmp_path):
         (["--check", "--ckpt", "x.safetensors"], "--check runs a tiny random-weight checkpoint of its own"),
         (["--workflow", str(tmp_path / "none.json")], "no such file"),
         (["--ckpt", str(tmp_path / "old.ckpt")], "only .safetensors checkpoints are loaded"),
+        (["--workflow", str(flux2), "--ckpt", "x.safetensors"],
+         "--ckpt sets the file of a Load Checkpoint node, and this workflow has none"),
+        (["--workflow", str(flux2), "--ckpt", "x.safetensors"], "--set 1.unet_name=FILE (UNETLoader)"),
+        (["--workflow", str(flux2), "--check"], "--check runs SD1.5 workflows only"),
+        (["--workflow", str(flux2)], "node 1 (UNETLoader) unet_name: flux2_dev_fp8mixed.safetensors in"),
     ]
     (tmp_path / "old.ckpt").write_bytes(b"")
     for args, text in cases:
