@@ -69,19 +69,22 @@ def api_to_ui(api: dict, classes: dict) -> dict:
         node = api[node_id]
         cls = classes[node["class_type"]]
         col = depth[node_id]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         ui_outputs = [
             {"name": names[i], "type": t, "links": outputs_links.get((node_id, i), []), "slot_index": i}
             for i, t in enumerate(cls.RETURN_TYPES)
         ]
+        widgets = _widget_values(cls, node["inputs"])
+        # the app draws a node as tall as its slots and widgets need: the next node of the column goes below it
+        height = max(200, 40 + 22 * max(len(ui_inputs[node_id]), len(ui_outputs)) + 24 * len(widgets))
+        y = rows.get(col, 40)
+        rows[col] = y + height + 60
         nodes.append({
-            "id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * col, 40 + 260 * row],
-            "size": [340, 200], "flags": {}, "order": 0, "mode": 0,
+            "id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * col, y],
+            "size": [340, height], "flags": {}, "order": 0, "mode": 0,
             "inputs": ui_inputs[node_id], "outputs": ui_outputs,
             "properties": {"Node name for S&R": node["class_type"]},
-            "widgets_values": _widget_values(cls, node["inputs"]),
+            "widgets_values": widgets,
         })
     for order, node in enumerate(sorted(nodes, key=lambda n: (depth[str(n["id"])], n["id"]))):
         node["order"] = order
