@@ -291,3 +291,34 @@ def test_appearance_inversion_takes_the_scheduler(tiny):
     with pytest.raises(ValueError, match="the kl_optimal scheduler with steps = 1"):
         appearance.invert(model, None, cond, image, image, steps=1, denoise=1.0, iterations=1, average_last=1,
                           scheduler="kl_optimal")
+
+
+# ---------------------------------------------------------------- the shipped few-step workflow
+
+
+def test_shipped_sdxl_turbo_workflow_runs_as_shipped(tiny, single_thread):
+    """workflows/api/geometry_transfer_sdxl_turbo.json with its own settings (4 steps of sgm_uniform, ReNoise 10 / 2,
+    cfg 1: notes/fewstep.md), its checkpoint swapped for a tiny SDXL and its example images at 64 px: HA_INVERTED
+    holds SDXL's sgm_uniform sigmas and the saved image is the composite (the target outside its band)."""
+    import comfy.samplers
+    import comfy_server
+    import folder_paths
+    from pathlib import Path
+    from test_pipeline import shipped
+
+    if "tiny-sdxl" not in tiny:  # conftest's `families` builds the same model
+        tiny["tiny-sdxl"] = (harness.tiny_family_model("SDXL", seed=3), harness.tiny_sdxl_clip(seed=3), tiny["tiny"][2])
+    prompt = shipped("api/geometry_transfer_sdxl_turbo.json", ckpt="tiny-sdxl")
+    inversion, sampler = prompt["8"]["inputs"], prompt["10"]["inputs"]
+    assert (inversion["steps"], inversion["scheduler"], inversion["renoise_iterations"], inversion["renoise_average"],
+            sampler["cfg"]) == (4, "sgm_uniform", 10, 2, 1.0)
+    prompt["12"]["inputs"]["filename_prefix"] = "few_step/turbo"
+    comfy_server.small_examples(Path(folder_paths.get_input_directory()), 64)  # under their shipped names
+    try:
+        out = harness.run_prompt(prompt)
+    finally:
+        shipped("api/geometry_transfer_sdxl_turbo.json")  # the full-size examples back, as other tests find them
+    model = tiny["tiny-sdxl"][0]
+    expected = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "sgm_uniform", 4).cpu()
+    assert out["8"][0].scheduler == "sgm_uniform" and torch.equal(out["8"][0].sigmas, expected)
+    assert harness.composite_keeps_target(*out["14"], out["5"][0])
