@@ -55,6 +55,7 @@ class AppearanceInverted:
     inpaint_latents: torch.Tensor | None = None  # [3P, C, h, w]
     inpaint_masks: torch.Tensor | None = None  # [3P, H, W]
     guidance: float | None = None  # a guidance-distilled model's (Flux dev) guidance input of the inversion
+    scheduler: str | None = None  # the ComfyUI scheduler that gave `sigmas` (pipeline.scheduler_name)
 
     @property
     def layout(self) -> AppearanceLayout:
@@ -66,16 +67,23 @@ def _pairs(structure: torch.Tensor, appearance: torch.Tensor) -> tuple[torch.Ten
     return structure[..., :3].expand(n, -1, -1, -1), appearance[..., :3].expand(n, -1, -1, -1)
 
 
-def generation_schedule(model, steps: int, denoise: float) -> torch.Tensor:
-    """The last `steps` DDIM steps of a schedule of int(steps / denoise) steps (KSampler's denoise)."""
-    total = max(steps, int(steps / denoise))
-    return pipeline.schedule(model, total)[-(steps + 1):]
+def schedule_steps(steps: int, denoise: float) -> int:
+    """The steps of the whole schedule whose last `steps` a denoise below 1 runs (KSampler's denoise)."""
+    return max(steps, int(steps / denoise))
+
+
+def generation_schedule(model, steps: int, denoise: float,
+                        scheduler: str = pipeline.DEFAULT_SCHEDULER) -> torch.Tensor:
+    """The last `steps` steps of the `scheduler`'s schedule of int(steps / denoise) steps (KSampler's denoise)."""
+    return pipeline.schedule(model, schedule_steps(steps, denoise), scheduler)[-(steps + 1):]
 
 
 def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.Tensor, steps: int,
-           denoise: float, iterations: int, average_last: int) -> AppearanceInverted:
+           denoise: float, iterations: int, average_last: int,
+           scheduler: str = pipeline.DEFAULT_SCHEDULER) -> AppearanceInverted:
     """DDIM + ReNoise inversion of [appearance, structure] with plain self-attention (the paper inverts
-    each image on its own); the output rows start from the structure's latents."""
+    each image on its own) over the `scheduler`'s schedule; the output rows start from the structure's latents."""
+    sigmas = generation_schedule(model, steps, denoise, scheduler)  # an unfit schedule is refused before any work
     structure, appearance = _pairs(structure, appearance)
     layout = AppearanceLayout(structure.shape[0])
     p = layout.pairs
@@ -91,13 +99,13 @@ def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.
         inpaint_latents = pipeline.masked_image_latents(vae, images, inpaint_masks)
         positive = pipeline.with_inpaint(conditioning, inpaint_latents, inpaint_masks)
 
-    sigmas = generation_schedule(model, steps, denoise)
     z_t = pipeline.invert_latents(model, latents, sigmas, positive, iterations, average_last)
     if inpaint_latents is None:
         z_t = torch.cat([z_t, z_t[p:]])
     return AppearanceInverted(latents=z_t, sigmas=sigmas, model_family=pipeline.model_family(model),
                               image_size=tuple(structure.shape[1:3]), inpaint_latents=inpaint_latents,
-                              inpaint_masks=inpaint_masks, guidance=pipeline.guidance_of(model, conditioning))
+                              inpaint_masks=inpaint_masks, guidance=pipeline.guidance_of(model, conditioning),
+                              scheduler=pipeline.scheduler_name(model, scheduler))
 
 
 class CrossImageGuider(comfy.samplers.CFGGuider):
@@ -207,6 +215,7 @@ class AppearanceInversion(io.ComfyNode):
                                        "denoise). 1: from pure noise (paper's text). The official code starts 32 "
                                        "of 100 steps in: 0.68."),
                 *renoise.inputs(""),
+                renoise.scheduler_input(),
             ],
             outputs=[AppearanceInvertedType.Output(display_name="inverted",
                                                    tooltip="Inverted latents of both images with their schedule.")],
@@ -218,7 +227,7 @@ class AppearanceInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, conditioning, structure, appearance, steps, denoise, renoise_iterations,
-                renoise_average) -> io.NodeOutput:
+                renoise_average, scheduler=pipeline.DEFAULT_SCHEDULER) -> io.NodeOutput:
         validate.unet(model)
         validate.conditioning_width(model, conditioning, "the conditioning")
         validate.inpaint_conditioning_free(conditioning, "HA_AppearanceInversion")
@@ -232,8 +241,12 @@ class AppearanceInversion(io.ComfyNode):
         validate.latent_size("structure", structure, model)
         renoise.check(renoise_iterations, renoise_average)
         notes = logged(model_notes(model, "HA_AppearanceInversion", renoise.STEP_CACHES))
-        return io.NodeOutput(invert(model, vae, conditioning, structure, appearance, steps, denoise,
-                                    renoise_iterations, renoise_average), ui=_ui_text(notes, "", []))
+        inverted = invert(model, vae, conditioning, structure, appearance, steps, denoise, renoise_iterations,
+                          renoise_average, scheduler)
+        total = schedule_steps(steps, denoise)
+        ran = renoise.schedule_notes(model, scheduler, inverted.scheduler, steps, inverted.sigmas, renoise_iterations,
+                                     total=total if total != steps else None)
+        return io.NodeOutput(inverted, ui=_ui_text([*ran, *notes], "", []))
 
 
 def _fraction(name: str, default: float, tooltip: str) -> io.Float.Input:

@@ -243,7 +243,9 @@ class TextureAligningInversion(io.ComfyNode):
                                       tooltip="The prompt's conditioning (paper: empty prompt), straight from "
                                               "CLIPTextEncode. Inpainting inputs are added per row by this node."),
                 SceneType.Input("scene"),
-                io.Int.Input("steps", default=25, min=1, max=1000, tooltip="DDIM steps (paper: 25). The sampler reuses them."),
+                io.Int.Input("steps", default=25, min=1, max=1000,
+                             tooltip="DDIM steps (paper: 25; distilled few-step models: 4-8, see scheduler). The "
+                                     "sampler reuses them."),
                 *renoise.inputs(" (paper: 5)"),
                 io.Combo.Input("attention", options=list(TEXTURE_ALIGNING_MODES), default="texture_aligning",
                                tooltip="texture_aligning: [K_geo; K_tar] (eq. 3). geometry_only: plain self-attention. "
@@ -252,6 +254,7 @@ class TextureAligningInversion(io.ComfyNode):
                                 "the reference here is the whole target, whose share (1/2 at equal logits) never "
                                 "depends on the region's size, so auto is w = balance_weight (1: the paper)."),
                 *dit_window_inputs(what="Texture-aligning Attention"),
+                renoise.scheduler_input(),
             ],
             outputs=[InvertedType.Output(display_name="inverted", tooltip="Inverted latents with their schedule and masks.")],
         )
@@ -262,7 +265,8 @@ class TextureAligningInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, conditioning, scene: Scene, steps, renoise_iterations, renoise_average,
-                attention, balance="paper", balance_weight=1.0, dit_block_start=0.0, dit_block_end=1.0) -> io.NodeOutput:
+                attention, balance="paper", balance_weight=1.0, dit_block_start=0.0, dit_block_end=1.0,
+                scheduler=pipeline.DEFAULT_SCHEDULER) -> io.NodeOutput:
         validate.unet(model)
         validate.conditioning_width(model, conditioning, "the conditioning")
         validate.inpaint_conditioning_free(conditioning, "HA_TextureAligningInversion")
@@ -277,8 +281,10 @@ class TextureAligningInversion(io.ComfyNode):
         notes = logged(patch.model_notes(model, "HA_TextureAligningInversion", renoise.STEP_CACHES)
                        + region_notes(scene, vae.spacial_compression_encode()))
         inverted = pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations, renoise_average,
-                                   attention, (dit_block_start, dit_block_end), balance=weights, report=report)
-        return io.NodeOutput(inverted, ui=_ui_text(notes, "texture-aligning", report))
+                                   attention, (dit_block_start, dit_block_end), balance=weights, report=report,
+                                   scheduler=scheduler)
+        ran = renoise.schedule_notes(model, scheduler, inverted.scheduler, steps, inverted.sigmas, renoise_iterations)
+        return io.NodeOutput(inverted, ui=_ui_text([*ran, *notes], "texture-aligning", report))
 
 
 class LatentBlend(io.ComfyNode):

@@ -5,6 +5,7 @@ concat, latent scaling, CFG, wrappers and hooks all stay ComfyUI's).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -27,8 +28,10 @@ from . import reuse
 from .families import is_dit, is_inpainting
 from .patch import apply_plan, without_step_caches
 
+DEFAULT_SCHEDULER = "default"  # the inversion nodes' scheduler choice meaning SCHEDULER, or FLOW_SCHEDULER on flow models
 SCHEDULER = "ddim_uniform"  # DDIM's timesteps; the sampler below is DDIM itself (eta = 0)
 FLOW_SCHEDULER = "simple"  # rectified-flow models (Flux, SD3): their own shifted sigmas, evenly in time
+CLEAN_SIGMA = 1e-4  # where an inversion starts: the model is evaluated just above sigma 0, like FlipSigmas
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Inverted:
     blended: Optional[torch.Tensor] = None  # [P, C, h, w] (or [P, C, 1, h, w])
     blend_mask: Optional[torch.Tensor] = None  # [P, 1, h, w] (or [P, 1, 1, h, w]: broadcast over the latents)
     guidance: Optional[float] = None  # a guidance-distilled model's (Flux dev) guidance input of the inversion
+    scheduler: Optional[str] = None  # the ComfyUI scheduler that gave `sigmas` (scheduler_name: "default" resolved)
 
     @property
     def layout(self) -> PairLayout:
@@ -130,11 +134,64 @@ def is_flow(model) -> bool:
     return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
 
 
-def schedule(model, steps: int) -> torch.Tensor:
-    """The descending schedule (sigmas, last one 0) of `steps` steps for this model: DDIM's timesteps, or
-    for a flow model its own (shifted) sigmas evenly in time, from 1 (pure noise) to 0."""
-    scheduler = FLOW_SCHEDULER if is_flow(model) else SCHEDULER
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+def scheduler_name(model, scheduler: str = DEFAULT_SCHEDULER) -> str:
+    """The ComfyUI scheduler `scheduler` stands for on this model: DEFAULT_SCHEDULER is DDIM's timesteps
+    (ddim_uniform), or on a flow model its own sigmas evenly in time (simple)."""
+    if scheduler == DEFAULT_SCHEDULER:
+        return FLOW_SCHEDULER if is_flow(model) else SCHEDULER
+    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise ValueError(f"scheduler {scheduler!r}: choose {DEFAULT_SCHEDULER!r} or one of ComfyUI's schedulers "
+                         f"{comfy.samplers.SCHEDULER_NAMES}")
+    return scheduler
+
+
+def schedule(model, steps: int, scheduler: str = DEFAULT_SCHEDULER) -> torch.Tensor:
+    """The descending schedule (sigmas, last one 0) of `steps` steps for this model from the ComfyUI scheduler
+    `scheduler` names (scheduler_name; the default: DDIM's timesteps, or for a flow model its own (shifted)
+    sigmas evenly in time, from 1 (pure noise) to 0). The same sigmas serve the inversion (flipped, from
+    CLEAN_SIGMA up) and the generation; a schedule that cannot serve both is refused with the fix."""
+    name = scheduler_name(model, scheduler)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), name, steps).cpu()
+    # the default keeps earlier versions' schedules as they were, ddim_uniform's 999 steps for steps = 1000 too
+    problem = _unfit(sigmas, None if scheduler == DEFAULT_SCHEDULER else steps)
+    if problem:
+        raise ValueError(f"the {name} scheduler with steps = {steps} {problem}, so it does not fit an inversion: "
+                         "choose another scheduler (sgm_uniform or simple for few-step models; default as in the "
+                         "paper) or another number of steps")
+    return sigmas
+
+
+def _unfit(sigmas: torch.Tensor, steps: Optional[int]) -> Optional[str]:
+    """What keeps `sigmas` from being an inversion's schedule, or None: it must fall strictly to exactly 0, its
+    lowest noise level above CLEAN_SIGMA (where the flipped schedule starts), with no fewer steps than `steps`
+    (beta merges repeated timesteps; ddim_uniform's stride may give more, which is fine); None: any count."""
+    values = [float(v) for v in sigmas.reshape(-1)]
+    if sigmas.ndim != 1 or len(values) < 2:
+        return f"gives no step (sigma {sigma_path(values)})"
+    if not all(math.isfinite(v) for v in values):
+        return f"gives sigmas that are not numbers (sigma {sigma_path(values)})"
+    if any(b >= a for a, b in zip(values, values[1:], strict=False)):
+        return f"gives sigmas that do not fall step by step (sigma {sigma_path(values)})"
+    if values[-1] != 0:
+        return f"ends at sigma {values[-1]:.4g}, not at the clean image (0)"
+    if steps is not None and len(values) - 1 < steps:
+        return f"gives only {len(values) - 1} steps (sigma {sigma_path(values)})"
+    if values[-2] <= CLEAN_SIGMA:
+        return f"has its lowest noise level {values[-2]:.3g} at or below {CLEAN_SIGMA}, where an inversion starts"
+    return None
+
+
+def sigma_path(values) -> str:
+    """A schedule for people: "14.61 > 4.086 > ... > 0" (every value up to 11 of them)."""
+    values = [float(v) for v in values]
+    shown = values if len(values) <= 11 else [*values[:3], None, *values[-3:]]
+    return " > ".join("..." if v is None else f"{v:.4g}" for v in shown)
+
+
+def at_pure_noise(model, sigma: float) -> bool:
+    """Whether `sigma` is the model's pure-noise end (sigma_max), as ComfyUI's samplers decide it."""
+    sigma_max = float(model.get_model_object("model_sampling").sigma_max)
+    return math.isclose(sigma, sigma_max, rel_tol=1e-5) or sigma > sigma_max
 
 
 def guidance_of(model, conditioning) -> Optional[float]:
@@ -262,7 +319,7 @@ def invert_latents(model, latents, sigmas, positive, iterations: int, average_la
     """DDIM + ReNoise inversion of `latents` up the descending generation schedule `sigmas` (no CFG). On a flow
     model the same step is the Euler step of the flow ODE (see attention.inversion)."""
     up = sigmas.flip(0)
-    up[0] = max(float(up[0]), 1e-4)  # the clean end: evaluate the model just above sigma 0, like FlipSigmas
+    up[0] = max(float(up[0]), CLEAN_SIGMA)  # the clean end: evaluate the model just above sigma 0, like FlipSigmas
 
     def loop(denoise, x, s, callback):
         return inversion.invert(denoise, x, s, iterations=iterations, average_last=average_last, callback=callback)
@@ -317,13 +374,14 @@ def invert_sources(model, vae, conditioning, scene: Scene, sigmas, iterations: i
 
 def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
            mode: str, dit_window: tuple[float, float] = (0.0, 1.0), *, balance: Optional[Balance] = None,
-           report: Optional[list] = None) -> Inverted:
-    """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention.
-    `balance` weighs the target's keys (kv.Balance); `report` receives the weights each layer got.
+           report: Optional[list] = None, scheduler: str = DEFAULT_SCHEDULER) -> Inverted:
+    """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention, over the
+    `scheduler`'s schedule (see schedule). `balance` weighs the target's keys (kv.Balance); `report` receives
+    the weights each layer got.
 
     Two batches: the sources alone (reused across runs, see invert_sources), then [targets, geometries]."""
     layout = scene.layout
-    sigmas = schedule(model, steps)
+    sigmas = schedule(model, steps, scheduler)
     z_src, inpaint_src = invert_sources(model, vae, conditioning, scene, sigmas, iterations, average_last)
 
     images = torch.cat([scene.target, scene.geometry])
@@ -336,7 +394,7 @@ def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, 
     _log_balance(plan, "texture-aligning", report)
     return Inverted(scene=scene, latents=torch.cat([z_src, z_t]), sigmas=sigmas, model_family=model_family(model),
                     inpaint_latents=None if inpaint is None else torch.cat([inpaint_src, inpaint]),
-                    guidance=guidance_of(model, conditioning))
+                    guidance=guidance_of(model, conditioning), scheduler=scheduler_name(model, scheduler))
 
 
 def blend_latents(inverted: Inverted, feather: float) -> Inverted:

@@ -45,6 +45,8 @@ TEMPLATES = {
     "flux_fill_geometry_transfer": Template("Crack transfer (Flux Fill)", "Moves a crack onto another photo, with Flux"),
     "multi_geometry_transfer": Template("Three cracks on one target (SD1.5)", "Places three cracks on one photo"),
     "appearance_transfer": Template("Appearance transfer (SD1.5)", "One image's shape, the other's look"),
+    "geometry_transfer_sdxl_turbo": Template("Crack transfer, 4 steps (SDXL Turbo)",
+                                             "Moves a crack onto another photo in 4 steps, with SDXL Turbo"),
     "flux2_geometry_transfer": Template("Crack transfer (Flux.2)", "Moves a crack onto another photo, with Flux.2"),
     "qwen_image_geometry_transfer": Template("Crack transfer (Qwen-Image)",
                                              "Moves a crack onto another photo, with Qwen-Image"),
@@ -103,6 +105,9 @@ MODELS = {
     "ae.safetensors": Model(
         "vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
         "335 MB", "Apache-2.0"),
+    "sd_xl_turbo_1.0_fp16.safetensors": Model(
+        "checkpoints", "https://huggingface.co/stabilityai/sdxl-turbo/resolve/main/sd_xl_turbo_1.0_fp16.safetensors",
+        "6.9 GB", "Stability AI Non-Commercial Community License (sai-nc-community)"),
     # sizes of the newer families: about, as listed on their Hugging Face pages
     "flux2_dev_fp8mixed.safetensors": Model(
         "diffusion_models",

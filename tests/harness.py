@@ -302,10 +302,12 @@ def tiny_sdxl_clip(seed: int = 0):
     return clip
 
 
-def tiny_flux(seed: int = 0, in_channels: int = 16, guidance_embed: bool = False, depth: int = 1, single: int = 1):
-    """A tiny Flux through comfy.supported_models (Flux, or FluxInpaint for Fill's 96 = 16 latent + 16 masked image +
-    64 packed mask channels): hidden size 64, 2 heads, `depth` double and `single` single stream blocks. The
-    config is built from FluxParams' own fields, so fields a ComfyUI version adds (txt_ids_dims) get a value."""
+def tiny_flux(seed: int = 0, in_channels: int = 16, guidance_embed: bool = False, depth: int = 1, single: int = 1,
+              schnell: bool = False):
+    """A tiny Flux through comfy.supported_models (Flux, FluxSchnell with `schnell`: its model sampling, or FluxInpaint
+    for Fill's 96 = 16 latent + 16 masked image + 64 packed mask channels): hidden size 64, 2 heads, `depth` double
+    and `single` single stream blocks. The config is built from FluxParams' own fields, so fields a ComfyUI version
+    adds (txt_ids_dims) get a value."""
     import dataclasses
 
     import comfy.ldm.flux.model
@@ -321,7 +323,8 @@ def tiny_flux(seed: int = 0, in_channels: int = 16, guidance_embed: bool = False
     for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams):
         if f.name not in config and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             config[f.name] = defaults[f.name]
-    family = comfy.supported_models.FluxInpaint if in_channels == 96 else comfy.supported_models.Flux
+    family = (comfy.supported_models.FluxInpaint if in_channels == 96 else
+              comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux)
     return _patcher(family(config), {}, seed)
 
 
