@@ -53,6 +53,20 @@ def pixel_multiple(model) -> int:
     return 16 if is_dit(model) else 8
 
 
+def native_size(model) -> int:
+    """The side of the square images the model was trained at: the working region's working_size for it."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    inner = model.model
+    if is_dit(model) or isinstance(inner, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
+        return 1024
+    v_prediction = inner.model_type == comfy.model_base.ModelType.V_PREDICTION
+    if isinstance(inner.model_config, comfy.supported_models.SD20) and v_prediction:
+        return 768
+    return 512
+
+
 def unet(model) -> None:
     """The model is a UNet or a diffusion transformer (Flux.1, Flux.1 Fill, SD3.x) we can patch; any other
     family is refused with its name."""

@@ -163,8 +163,11 @@ def test_add_geometry_refuses_bad_inputs(comfy):
     shifted = ColorShift.execute(scene, "mean_shift", 0.5, 2).args[1]
     with pytest.raises(ValueError, match="add every geometry first"):
         AddGeometry.execute(shifted, src_a, mask_a, 0.0, 0.0, 1.0, 0.0)
-    with pytest.raises(ValueError, match=r"source is 32x32 \(WxH\) but the scene's first source is 48x48"):
-        AddGeometry.execute(scene, src_a[:, :32, :32], mask_a[:, :32, :32], 0.0, 0.0, 1.0, 0.0)
+    # a source of another size is placed at its own (its anchor lands at the same relative place, a whole pixel offset), its row padded
+    grown = AddGeometry.execute(scene, src_a[:, :32, :32], mask_a[:, :32, :32], 0.0, 0.0, 1.0, 0.0).args[2]
+    assert grown.source.shape == (2, 48, 48, 3) and torch.equal(grown.source[1, :32, :32], src_a[0, :32, :32])
+    assert torch.equal(grown.source_mask[1], box(48, 10, 22, 10, 22)[0]) and torch.equal(grown.source[0], src_a[0])
+    assert torch.equal(grown.placed_masks[0, 1], box(48, 18, 30, 18, 30)[0])
     with pytest.raises(ValueError, match="source has a batch of 3 but the scene has 1 targets"):
         AddGeometry.execute(scene, src_a.expand(3, -1, -1, -1), mask_a, 0.0, 0.0, 1.0, 0.0)
 
