@@ -21,6 +21,7 @@ unless --full is given).
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -92,22 +93,23 @@ def main(argv=None) -> int:
     rows, speedups, mem_ratios = [], [], []
     for name in models:
         patcher = build(name, device)
-        result = {}
+        calls = {}
         for side, size in sides.items():
             if side == "full image" and name == "sd15" and device.type != "cuda" and not args.full:
                 print(f"  {name} full image: skipped on the CPU (--full to time it)", flush=True)
                 continue
             plan = plan_for("texture_aligning", size)
-            patched = apply_plan(patcher, plan)
-            forward = common.Forward(patcher, plan.rows, size, device)
-            forward(patched)  # warm-up
-            times = common.interleaved({"patched": lambda f=forward, m=patched: f(m)}, repeats, device, warmup=0)
-            peak = max(peak_bytes(lambda f=forward, m=patched: f(m), device, libc) for _ in range(max(1, repeats - 1)))
-            t = sorted(times["patched"])[len(times["patched"]) // 2]
+            calls[side] = lambda f=common.Forward(patcher, plan.rows, size, device), m=apply_plan(patcher, plan): f(m)
+        times = common.interleaved(calls, repeats, device)  # the sides alternate: load drifts hit both alike
+        result = {}
+        for side, call in calls.items():
+            size = sides[side]
+            peak = peak_bytes(call, device, libc)
+            t = statistics.median(times[side])
             result[side] = (t, peak)
             rows.append([name, side, f"{size}x{size}", f"{t:.3f}", f"{peak / 2**20:.0f}"])
-            print(f"  {name} {side} (latent {size}x{size}): {t:.3f} s per UNet call, peak {peak / 2**20:.0f} MiB",
-                  flush=True)
+            print(f"  {name} {side} (latent {size}x{size}): {t:.3f} s per UNet call ({common.mmm(times[side])}), "
+                  f"peak {peak / 2**20:.0f} MiB", flush=True)
         if len(result) == 2:
             speedups.append(result["full image"][0] / result["working region"][0])
             mem_ratios.append(result["full image"][1] / max(1, result["working region"][1]))

@@ -234,6 +234,7 @@ def test_shipped_multi_geometry_workflow(tiny):
     prompt["12"]["inputs"]["filename_prefix"] = "shipped_multi/multi_geometry_transfer"
     out = harness.run_prompt(prompt)
     assert out["10"][1]["samples"].shape[0] == 3  # one inversion, one generation: three source rows
-    assert out["11"][0].shape == (1, 64, 64, 3) and torch.isfinite(out["11"][0]).all()
-    assert harness.composite_keeps_target(*out["16"], out["5"][0])  # the saved image, over the union's blend band
+    canvas = out["7"][1].window.canvas_hw  # the working region: the 64 px target enlarged (at most 2x)
+    assert out["11"][0].shape == (1, *canvas, 3) and canvas == (128, 128) and torch.isfinite(out["11"][0]).all()
+    assert out["16"][0].shape == (1, 64, 64, 3) and harness.composite_keeps_target(*out["16"], out["5"][0])  # the saved image, over the union's blend band
     assert all(m.any() for m in out["7"][1].placed_masks[0])

@@ -87,7 +87,10 @@ def test_a_crack_shrunk_by_the_working_region_stays_one_unbroken_chain():
 
     _, parts = ndimage.label(small[0].numpy(), structure=torch.ones(3, 3).numpy())
     assert parts == 1 and small.sum() >= 150  # one column per canvas column it crosses
-    assert torch.equal(small, tokens.cells(mask, 150, 200).float())
+    assert torch.equal(small, tokens.cells(mask, 150, 200).float())  # the exact rule took over
+    block = torch.zeros(1, 600, 800)
+    block[0, 100:500, 200:600] = 1  # a wide region: the cells it covers at least half, as the latent's rule gives
+    assert torch.equal(wr.resample_mask(block, (150, 200)), tokens.cells(block, 150, 200).float())
 
 
 def test_stitch_round_trip_keeps_the_geometrys_pixel_size():
@@ -220,14 +223,19 @@ def test_off_is_todays_method_bit_for_bit(tiny, single_thread):
 
 
 def test_several_geometries_and_targets_in_one_working_region(tiny, single_thread):
-    """HA_AddGeometry grows the window to every geometry; a batch of two targets shares it."""
+    """HA_AddGeometry (a source of a third size) grows the window to every geometry; two targets share it."""
     prompt = crack_graph((300, 200), (400, 300), (40, 40, 30, 4))
     prompt["20"] = {"class_type": "HATest_Image", "inputs": {"name": "gradient", "width": 400, "height": 300}}
     prompt["21"] = {"class_type": "ImageBatch", "inputs": {"image1": ["5", 0], "image2": ["20", 0]}}
     prompt["6"]["inputs"]["target"] = ["21", 0]
+    prompt["23"] = {"class_type": "HATest_Image", "inputs": {"name": "noise:4", "width": 120, "height": 250}}
+    prompt["24"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 120, "height": 250}}
+    prompt["25"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 6, "height": 40}}
+    prompt["26"] = {"class_type": "MaskComposite", "inputs": {"destination": ["24", 0], "source": ["25", 0], "x": 50,
+                                                              "y": 150, "operation": "add"}}
     prompt["22"] = {"class_type": "HA_AddGeometry", "inputs": {
-        "scene": ["6", 2], "source": ["3", 0], "source_mask": ["15", 0],
-        "shift_x": 150.0, "shift_y": 100.0, "scale": 1.0, "rotation": 90.0}}
+        "scene": ["6", 2], "source": ["23", 0], "source_mask": ["26", 0],
+        "shift_x": 150.0, "shift_y": -80.0, "scale": 1.0, "rotation": 90.0}}
     prompt["7"]["inputs"]["scene"] = ["22", 2]
     prompt["16"]["inputs"].update(target=["21", 0], mask=["22", 1])
     out = harness.run_prompt(prompt)
@@ -238,6 +246,7 @@ def test_several_geometries_and_targets_in_one_working_region(tiny, single_threa
     image, band = out["16"]
     assert image.shape == (2, 300, 400, 3) and harness.composite_keeps_target(image, band, out["21"][0])
     assert out["10"][1]["samples"].shape[0] == 2  # a source row per geometry
+    assert out["22"][2].source.shape[1:3] == (250, 300)  # the sources padded to the largest of each side
 
 
 def test_notes_say_what_the_resampling_does(tiny, single_thread, caplog):
