@@ -232,14 +232,19 @@ def composite(decoded: Tensor, target: Tensor, mask: Tensor, window: Window, fea
     """The decoded canvas stitched into the full-resolution target: (image [B,H,W,C], blend band [B,H,W] bool).
 
     The canvas (its padding cropped) is resampled to the window's box, and composite.composite joins it to the
-    target inside the part of the box on the target; everywhere else the output is the target. Outside the returned
-    band every pixel is the target's own, bit for bit."""
+    target on the part of the box around M_geo that the blend can reach (twice the blend band's reach: the pyramid
+    sees the decoded pixels around the band); everywhere else the output is the target. Outside the returned band
+    every pixel is the target's own, bit for bit."""
     bx0, by0, bx1, by1 = window.box
     ht, wt = window.target_hw
+    mask = mask.unsqueeze(0) if mask.dim() == 2 else mask
     x0, y0, x1, y1 = max(0, bx0), max(0, by0), min(wt, bx1), min(ht, by1)
+    if window.resampled:  # the whole target at its own pixels (working_size 0) stays today's composite, bit for bit
+        reach = 2 * (math.ceil(feather) + 8 * 2 ** levels)
+        gx0, gy0, gx1, gy1 = mask_box(mask)
+        x0, y0, x1, y1 = max(x0, gx0 - reach), max(y0, gy0 - reach), min(x1, gx1 + reach), min(y1, gy1 + reach)
     ch, cw = window.canvas_hw
     inside = resample_image(decoded[:, :ch, :cw], window.size_hw)[:, y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
-    mask = mask.unsqueeze(0) if mask.dim() == 2 else mask
     if (x0, y0, x1, y1) == (0, 0, wt, ht):
         return _composite.composite(inside, target, mask, feather, levels), _composite.blend_band(mask, feather, levels)
     part = _composite.composite(inside, target[:, y0:y1, x0:x1], mask[:, y0:y1, x0:x1], feather, levels)
