@@ -211,8 +211,7 @@ class GeometryImageEdit(io.ComfyNode):
         validate.image("source", source)
         validate.image("target", target)
         validate.mask("source_mask", source_mask)
-        validate.same_size("source_mask", source_mask, "source", source,
-                           "resize the mask to the image (e.g. with ImageScale / a mask resize node)")
+        validate.source_mask(source_mask, source)
         validate.batches("source_mask", source_mask.shape[0], "source", source.shape[0])
         validate.batches("source", source.shape[0], "target", target.shape[0])
         source, target = source[..., :3], target[..., :3]
@@ -484,8 +483,7 @@ class AddGeometry(io.ComfyNode):
                              "chain), then HA_ColorShift once, so each geometry is shifted exactly once by its own rings")
         validate.image("source", source)
         validate.mask("source_mask", source_mask)
-        validate.same_size("source_mask", source_mask, "source", source,
-                           "resize the mask to the image (e.g. with ImageScale / a mask resize node)")
+        validate.source_mask(source_mask, source)
         validate.batches("source_mask", source_mask.shape[0], "source", source.shape[0])
         pairs, n = scene.geometry.shape[0], max(source.shape[0], source_mask.shape[0])
         if n not in (1, pairs):

@@ -68,6 +68,8 @@ def bad_nodes(tiny):
             elif kind == "corner":
                 m = torch.zeros(batch, size, size)
                 m[:, :4, :4] = 1.0
+            elif kind == "empty":  # Load Image's MASK of an image without alpha: an empty 64x64 mask
+                m = torch.zeros(batch, 64, 64)
             elif kind == "pixel":
                 m = torch.zeros(batch, size, size)
                 m[:, 20, 20] = 1.0
@@ -116,6 +118,8 @@ CASES = [
     ("source_rgba", lambda p: image(p, "3", "rgba"), "ok"),
     ("mask_wrong_size", lambda p: mask(p, "box", size=32),
      ["source_mask is 32x32", "source is 64x64", "resize the mask"]),
+    ("mask_of_a_photo_without_alpha", both(lambda p: mask(p, "empty"), lambda p: image(p, "3", "noise", size=96)),
+     ["source_mask is an empty 64x64 mask but source is 96x96", "no painted mask", "Open in MaskEditor"]),
     ("mask_batch_3_source_batch_2", both(lambda p: mask(p, "box", batch=3), lambda p: image(p, "3", "noise", batch=2)),
      ["source_mask has a batch of 3 but source has 2", "the same count"]),
     ("source_batch_2_target_batch_3", both(lambda p: image(p, "3", "noise", batch=2),
