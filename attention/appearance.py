@@ -175,7 +175,7 @@ def _mean_std(x: torch.Tensor, mask: torch.Tensor | None, eps: float):
 
 def masked_adain(content: torch.Tensor, style: torch.Tensor, content_mask: torch.Tensor | None = None,
                  style_mask: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """Eq. 5, AdaIN of `content` to `style`, each [B, C, H, W], per row and channel.
+    """Eq. 5, AdaIN of `content` to `style`, each [B, C, H, W] (or [B, C, T, H, W]: per frame too), per row and channel.
 
     Inside content_mask ([B, H, W], binary; None: everywhere) the content becomes
     (content - mu_c) / sigma_c * sigma_s + mu_s, with mu_c, sigma_c its statistics inside
@@ -183,9 +183,12 @@ def masked_adain(content: torch.Tensor, style: torch.Tensor, content_mask: torch
     outside content_mask it is unchanged. sigma = sqrt(variance + eps) (population variance; the
     official code's unbiased variance differs by a factor (N-1)/N under the root).
     """
-    if content.shape[:2] != style.shape[:2]:
+    if content.shape[:-2] != style.shape[:-2]:
         raise ValueError(f"AdaIN of a {tuple(content.shape)} latent to a {tuple(style.shape)} one: batch and "
                          "channels must match")
+    if content.ndim == 5:  # [B, C, T, H, W]: each frame's channels on their own
+        flat = masked_adain(content.flatten(1, 2), style.flatten(1, 2), content_mask, style_mask, eps)
+        return flat.view(content.shape)
     out = content.clone()
     for b in range(content.shape[0]):
         cm = None if content_mask is None else content_mask[b].bool()

@@ -119,7 +119,7 @@ def attention_flops(plan, patcher, forward, size: int, rows: int) -> tuple[float
     latent patchified 2x2), where each row attends to its rule's keys (text included: kv._joint)."""
     import torch
     from harmonizing_attention.attention.roles import Layer
-    from harmonizing_attention.nodes.patch import dit_blocks, is_dit
+    from harmonizing_attention.nodes.families import dit_blocks, is_dit
 
     cpu = torch.device("cpu")
     if is_dit(patcher):
@@ -147,7 +147,8 @@ def self_attention_replay(patcher, forward):
     optimized_attention_override on a clone) and replayed through the same kernel."""
     import torch
     from comfy.ldm.modules.attention import optimized_attention
-    from harmonizing_attention.nodes.patch import is_dit, self_attention_blocks
+    from harmonizing_attention.nodes.families import is_dit
+    from harmonizing_attention.nodes.patch import self_attention_blocks
 
     calls = []
     probe = patcher.clone()

@@ -5,7 +5,7 @@ Runs evaluate.evaluate (the crack example onto the brick and hazelnut targets) t
 background PSNR (output vs target, M_geo blacked out in both, as the (bg) metrics compare them) and the share of
 background pixels equal to the target.
 
-    python bench/composite_background.py [--ckpt tiny|PATH] [--size 256] [--steps 4] [--cpu]
+    python bench/composite_background.py [--quick] [--ckpt tiny|PATH] [--size 256] [--steps 4] [--cpu]
 """
 from __future__ import annotations
 
@@ -20,12 +20,15 @@ import common  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="128 px, 2 steps (default size and steps: 256 px, 4)")
     p.add_argument("--ckpt", default="tiny", help="tiny: the tests' random SD1.5-inpainting checkpoint file")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
     p.add_argument("--iterations", type=int, default=1)
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args()
+    args.size = args.size or (128 if args.quick else 256)
+    args.steps = args.steps or (2 if args.quick else 4)
     common.start(args.cpu, threads=1)
     import evaluate
     from harmonizing_attention.attention import composite, edit, metrics
@@ -48,6 +51,7 @@ def main() -> None:
     base = evaluate.Settings(size=args.size, steps=args.steps, iterations=args.iterations)
     print("| variant | target | PSNR | MSE | fMSE | PSNR(bg) | bg pixels == target | band px |")
     print("|---|---|---|---|---|---|---|---|")
+    background = {}  # (variant, target) -> (PSNR(bg), share of background pixels equal to the target)
     for label, composite_on in (("decode", False), ("composite", True)):
         settings = evaluate.Settings(**{**base.__dict__, "composite": composite_on})
         result = evaluate.evaluate(model, clip, vae, sources, targets, folder / label, settings, metric_names=(),
@@ -61,11 +65,15 @@ def main() -> None:
             same = (out[0][outside] == target[0][outside]).all(dim=-1).float().mean().item()
             band = int(composite.blend_band(geo_mask, base.composite_feather, base.composite_levels).sum()) \
                 if composite_on else 0
+            background[label, t_name] = bg, same
             print(f"| {label} | {t_name} | {row['psnr']:.2f} | {row['mse']:.2f} | {row['fmse']:.2f} | {bg:.2f} | "
                   f"{100 * same:.1f}% | {band} |")
         del result
     print(f"\n{args.size} px, {args.steps} steps, {args.iterations} ReNoise iteration(s); checkpoint {Path(args.ckpt).name}; "
           f"composite feather {base.composite_feather:g} px, {base.composite_levels} levels")
+    gain = min(background["composite", t][0] - background["decode", t][0] for _, t in background)
+    equal = min(share for (label, _), (_, share) in background.items() if label == "composite")
+    print(f"composite_background_bg_psnr_gain_min={gain:.2f} composite_bg_pixels_equal_min={100 * equal:.1f}%")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ pixels), how many the selection loses (no cell left) or breaks (its cells fall a
 - comfy:    ComfyUI's inpainting concat_mask resize, bilinear then round (at the latent size only)
 - rule:     attention/tokens.py's rule (now the blend, the inpainting mask channel and the tokens)
 
-Pure tensor work on the CPU, a few seconds:  python bench/mask_coverage.py [--markdown]
-(--markdown: one row per mask and layer, each rule as "cells · mean coverage · parts lost/broken")
+Pure tensor work on the CPU, a few seconds:  python bench/mask_coverage.py [--quick] [--markdown]
+(--markdown: one row per mask and layer, each rule as "cells · mean coverage · parts lost/broken"; --quick: the
+64 and 32 layers only). The last line: the mask parts that each rule loses over every mask and layer.
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ def rules(mask: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def measure():
+def measure(sizes=SIZES):
     """(mask name, pixels, layer size, rule, cells, mean coverage, least coverage, cells < 0.5, parts, lost, broken)."""
     for name, mask in masks().items():
-        for size in SIZES:
+        for size in sizes:
             c = coverage(mask[None], size, size)[0]
             for rule, sel in rules(mask, size).items():
                 picked = c[sel]
@@ -57,19 +58,19 @@ def measure():
                        int((picked < 0.5).sum()), *lost_and_broken(mask, sel))
 
 
-def table() -> list[str]:
+def table(results: list) -> list[str]:
     lines = [FORMAT.format("mask", "px", "layer", "rule", "cells", "mean cov", "min cov", "cov<0.5", "parts", "lost",
                            "broken")]
-    for name, px, size, rule, n, mean, least, outside, parts, lost, broken in measure():
+    for name, px, size, rule, n, mean, least, outside, parts, lost, broken in results:
         lines.append(FORMAT.format(name, px, f"{size}x{size}", rule, n, "-" if mean is None else f"{mean:.2f}",
                                    "-" if least is None else f"{least:.3f}", outside, parts, lost, broken))
     return lines
 
 
-def markdown() -> list[str]:
+def markdown(results: list) -> list[str]:
     """One row per mask and layer; each rule as 'cells, mean coverage, parts lost / broken'."""
     rows: dict = {}
-    for name, px, size, rule, n, mean, _, _, parts, lost, broken in measure():
+    for name, px, size, rule, n, mean, _, _, parts, lost, broken in results:
         cell = f"{n} · {'-' if mean is None else f'{mean:.2f}'} · {lost}/{broken}"
         rows.setdefault((f"{name} ({px} px, {parts} part{'s' if parts > 1 else ''})", f"{size}x{size}"), {})[rule] = cell
     lines = ["| mask | layer | tokens before (cov > 0) | blend before (cov >= 0.5) | inpaint mask before (ComfyUI "
@@ -79,7 +80,19 @@ def markdown() -> list[str]:
     return lines
 
 
+def headline(results: list) -> str:
+    lost: dict[str, int] = {}
+    for _, _, _, rule, *_, parts_lost, _ in results:
+        lost[rule] = lost.get(rule, 0) + parts_lost
+    return "mask_coverage_rule_parts_lost={} ".format(lost.pop("rule")) + " ".join(
+        f"{rule}_parts_lost={n}" for rule, n in lost.items())
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--markdown", action="store_true", help="the compact Markdown table of the README")
-    print("\n".join(markdown() if p.parse_args().markdown else table()))
+    p.add_argument("--markdown", action="store_true", help="the compact Markdown table of docs/method.md")
+    p.add_argument("--quick", action="store_true", help="the 64 and 32 layers only")
+    args = p.parse_args()
+    results = list(measure(SIZES[:2] if args.quick else SIZES))
+    print("\n".join(markdown(results) if args.markdown else table(results)))
+    print(headline(results))

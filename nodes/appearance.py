@@ -25,12 +25,12 @@ from ..attention.appearance import (
 )
 from ..attention.roles import RowPlan
 from ..attention.tokens import latent_mask
-from . import pipeline, renoise, validate
-from .geometry import check_dit_window, dit_window_inputs
-from .patch import schedule_position
-from .patch import apply_plan, is_inpainting
+from . import families, pipeline, renoise, validate
+from .geometry import _ui_text, check_dit_window, dit_window_inputs, logged
+from .naming import APPEARANCE_CATEGORY as CATEGORY
+from .naming import APPEARANCE_WORDS, search_aliases
+from .patch import apply_plan, model_notes, schedule_position
 
-CATEGORY = "harmonizing_attention/appearance_transfer"
 # On a diffusion transformer, cross-image attention acts in the later half of the blocks, the counterpart
 # of the UNet decoder layers it uses; those blocks follow the full_res step window.
 DIT_WINDOW = (0.5, 1.0)
@@ -55,6 +55,7 @@ class AppearanceInverted:
     inpaint_latents: torch.Tensor | None = None  # [3P, C, h, w]
     inpaint_masks: torch.Tensor | None = None  # [3P, H, W]
     guidance: float | None = None  # a guidance-distilled model's (Flux dev) guidance input of the inversion
+    scheduler: str | None = None  # the ComfyUI scheduler that gave `sigmas` (pipeline.scheduler_name)
 
     @property
     def layout(self) -> AppearanceLayout:
@@ -66,24 +67,31 @@ def _pairs(structure: torch.Tensor, appearance: torch.Tensor) -> tuple[torch.Ten
     return structure[..., :3].expand(n, -1, -1, -1), appearance[..., :3].expand(n, -1, -1, -1)
 
 
-def generation_schedule(model, steps: int, denoise: float) -> torch.Tensor:
-    """The last `steps` DDIM steps of a schedule of int(steps / denoise) steps (KSampler's denoise)."""
-    total = max(steps, int(steps / denoise))
-    return pipeline.schedule(model, total)[-(steps + 1):]
+def schedule_steps(steps: int, denoise: float) -> int:
+    """The steps of the whole schedule whose last `steps` a denoise below 1 runs (KSampler's denoise)."""
+    return max(steps, int(steps / denoise))
+
+
+def generation_schedule(model, steps: int, denoise: float,
+                        scheduler: str = pipeline.DEFAULT_SCHEDULER) -> torch.Tensor:
+    """The last `steps` steps of the `scheduler`'s schedule of int(steps / denoise) steps (KSampler's denoise)."""
+    return pipeline.schedule(model, schedule_steps(steps, denoise), scheduler)[-(steps + 1):]
 
 
 def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.Tensor, steps: int,
-           denoise: float, iterations: int, average_last: int) -> AppearanceInverted:
+           denoise: float, iterations: int, average_last: int,
+           scheduler: str = pipeline.DEFAULT_SCHEDULER) -> AppearanceInverted:
     """DDIM + ReNoise inversion of [appearance, structure] with plain self-attention (the paper inverts
-    each image on its own); the output rows start from the structure's latents."""
+    each image on its own) over the `scheduler`'s schedule; the output rows start from the structure's latents."""
+    sigmas = generation_schedule(model, steps, denoise, scheduler)  # an unfit schedule is refused before any work
     structure, appearance = _pairs(structure, appearance)
     layout = AppearanceLayout(structure.shape[0])
     p = layout.pairs
     images = torch.cat([appearance, structure])
-    latents = vae.encode(images)
+    latents = pipeline.encode(vae, images)
     inpaint_latents = inpaint_masks = None
     positive = conditioning
-    if is_inpainting(model):
+    if families.is_inpainting(model):
         # the output rows are inverted too, under their own (fully masked) concat
         images = torch.cat([images, structure])
         latents = torch.cat([latents, latents[p:]])
@@ -91,13 +99,13 @@ def invert(model, vae, conditioning, structure: torch.Tensor, appearance: torch.
         inpaint_latents = pipeline.masked_image_latents(vae, images, inpaint_masks)
         positive = pipeline.with_inpaint(conditioning, inpaint_latents, inpaint_masks)
 
-    sigmas = generation_schedule(model, steps, denoise)
     z_t = pipeline.invert_latents(model, latents, sigmas, positive, iterations, average_last)
     if inpaint_latents is None:
         z_t = torch.cat([z_t, z_t[p:]])
     return AppearanceInverted(latents=z_t, sigmas=sigmas, model_family=pipeline.model_family(model),
                               image_size=tuple(structure.shape[1:3]), inpaint_latents=inpaint_latents,
-                              inpaint_masks=inpaint_masks, guidance=pipeline.guidance_of(model, conditioning))
+                              inpaint_masks=inpaint_masks, guidance=pipeline.guidance_of(model, conditioning),
+                              scheduler=pipeline.scheduler_name(model, scheduler))
 
 
 class CrossImageGuider(comfy.samplers.CFGGuider):
@@ -167,25 +175,31 @@ def generate(model, positive, negative, inverted: AppearanceInverted, cfg: float
         return x
 
     samples = pipeline.run_sampler(patched, loop, inverted.latents, inverted.sigmas, positive, negative, cfg,
-                            guider=CrossImageGuider(patched, rules))
+                                   guider=lambda m: CrossImageGuider(m, rules))
     return samples[out], samples[app], samples[p:2 * p]
 
 
 # ---------------------------------------------------------------- nodes
+
+# why the sampler suspends step caches (patch.model_notes)
+GUIDANCE_STEP_CACHES = ("the appearance guidance evaluates the model twice per step on the same latent, and a step "
+                        "cache would return the first evaluation for the second.")
+
 
 class AppearanceInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HA_AppearanceInversion",
-            display_name="Appearance Inversion (Cross-Image Attention)",
+            display_name="Appearance/Texture Transfer · Inversion",
             category=CATEGORY,
-            description="Inverts the structure and appearance images to noise with DDIM + ReNoise (deterministic; "
+            description="Turns the structure and appearance images into noise for the appearance transfer's sampler. "
+                        "DDIM + ReNoise (deterministic; "
                         "the paper uses edit-friendly DDPM inversion, whose per-step noise maps an accurate "
-                        "inversion does not need). The output of HA_CrossImageSampler starts from the structure's "
-                        "latent.",
+                        "inversion does not need). The sampler's output starts from the structure's latent.",
+            **search_aliases(APPEARANCE_WORDS, "appearance inversion", "inversion", "renoise"),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL UNet (the paper uses SD1.5), Flux.1 or SD3.x."),
+                io.Model.Input("model", tooltip=f"{families.SUPPORTED}. The paper uses SD1.5."),
                 io.Vae.Input("vae"),
                 io.Conditioning.Input("conditioning",
                                       tooltip="The inversion prompt, straight from CLIPTextEncode (paper: "
@@ -201,6 +215,7 @@ class AppearanceInversion(io.ComfyNode):
                                        "denoise). 1: from pure noise (paper's text). The official code starts 32 "
                                        "of 100 steps in: 0.68."),
                 *renoise.inputs(""),
+                renoise.scheduler_input(),
             ],
             outputs=[AppearanceInvertedType.Output(display_name="inverted",
                                                    tooltip="Inverted latents of both images with their schedule.")],
@@ -212,7 +227,7 @@ class AppearanceInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, conditioning, structure, appearance, steps, denoise, renoise_iterations,
-                renoise_average) -> io.NodeOutput:
+                renoise_average, scheduler=pipeline.DEFAULT_SCHEDULER) -> io.NodeOutput:
         validate.unet(model)
         validate.conditioning_width(model, conditioning, "the conditioning")
         validate.inpaint_conditioning_free(conditioning, "HA_AppearanceInversion")
@@ -222,10 +237,16 @@ class AppearanceInversion(io.ComfyNode):
                            "both are denoised in one batch: scale the appearance image to the structure's size "
                            "(ImageScale)")
         validate.batches("structure", structure.shape[0], "appearance", appearance.shape[0])
-        validate.latent_size("structure", structure, validate.pixel_multiple(model))
+        validate.vae(model, vae)
+        validate.latent_size("structure", structure, model)
         renoise.check(renoise_iterations, renoise_average)
-        return io.NodeOutput(invert(model, vae, conditioning, structure, appearance, steps, denoise,
-                                    renoise_iterations, renoise_average))
+        notes = logged(model_notes(model, "HA_AppearanceInversion", renoise.STEP_CACHES))
+        inverted = invert(model, vae, conditioning, structure, appearance, steps, denoise, renoise_iterations,
+                          renoise_average, scheduler)
+        total = schedule_steps(steps, denoise)
+        ran = renoise.schedule_notes(model, scheduler, inverted.scheduler, steps, inverted.sigmas, renoise_iterations,
+                                     total=total if total != steps else None)
+        return io.NodeOutput(inverted, ui=_ui_text([*ran, *notes], "", []))
 
 
 def _fraction(name: str, default: float, tooltip: str) -> io.Float.Input:
@@ -238,13 +259,16 @@ class CrossImageSampler(io.ComfyNode):
         (full_start, full_end), (half_start, half_end) = PAPER_WINDOWS[1], PAPER_WINDOWS[2]
         return io.Schema(
             node_id="HA_CrossImageSampler",
-            display_name="Cross-Image Sampler (Cross-Image Attention)",
+            display_name="Appearance/Texture Transfer · Sampler",
             category=CATEGORY,
-            description="DDIM over the inversion's schedule, denoising [appearance, structure, output] together. "
+            description="Generates the structure image with the colours and textures of the appearance image "
+                        "(Cross-Image Attention). DDIM over the inversion's schedule, denoising [appearance, "
+                        "structure, output] together. "
                         "In the decoder's self-attention at the two finest resolutions the output's queries "
                         "attend to the appearance image's keys and values (eq. 2), with contrast (eq. 3), "
                         "appearance guidance (eq. 4), AdaIN to the appearance latent (eq. 5) and periodic "
                         "structure injection (appendix A). Fractions are of the schedule's steps.",
+            **search_aliases(APPEARANCE_WORDS, "cross-image sampler", "sampler"),
             inputs=[
                 io.Model.Input("model", tooltip="The model the inversion used."),
                 io.Conditioning.Input("positive", tooltip="Paper: the inversion prompt ('A photo of a <domain>')."),
@@ -356,9 +380,10 @@ class CrossImageSampler(io.ComfyNode):
                 raise ValueError(f"{name} is empty (all zero) in batch row(s) {empty}: draw the region or leave "
                                  "the input unconnected")
         check_dit_window(dit_block_start, dit_block_end)
+        notes = logged(model_notes(model, "HA_CrossImageSampler", GUIDANCE_STEP_CACHES))
         out, app, struct = generate(model, positive, negative, inverted, cfg, schedule, contrast, contrast_clip,
                                     output_mask, appearance_mask, (dit_block_start, dit_block_end))
-        return io.NodeOutput({"samples": out}, {"samples": app}, {"samples": struct})
+        return io.NodeOutput({"samples": out}, {"samples": app}, {"samples": struct}, ui=_ui_text(notes, "", []))
 
 
 NODES = [AppearanceInversion, CrossImageSampler]

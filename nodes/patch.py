@@ -11,13 +11,16 @@ attention of the whole batch, and only the rows our plan redirects are recompute
 another node installs for one pass only (PerturbedAttentionGuidance's perturbed pass, under the
 (stage, id) key) takes over that pass, as it intends.
 
-Diffusion transformers (Flux, Flux Fill, SD3.x) take the DiT path (`apply_dit_plan`), through three
-model-agnostic hooks and no class or forward of the model:
+Diffusion transformers (the families of nodes/families.py: Flux.1, Flux.2, Chroma, SD3.x, Qwen-Image,
+Z-Image) take the DiT path (`apply_dit_plan`), through three model-agnostic hooks and no class or forward
+of the model:
 - the APPLY_MODEL wrapper below gives each model call the latent's (h, w), from which the patchified token
-  grid follows;
+  grid follows, and the context's text length as the family pads it;
 - a `patches_replace["dit"]` replace on each block in the layer window passes the block its place
   (`DitBlock`) in a copy of transformer_options, records the block's text length (its "txt" input;
-  Flux's single blocks reuse the double blocks' one), and chains to a replace already there;
+  Flux's single blocks reuse the double blocks' one), and chains to a replace already there. A family
+  without block replaces (Z-Image's NextDiT) names its blocks in transformer_options itself
+  (block_type / block_index), which is read instead;
 - `transformer_options["optimized_attention_override"]` runs the rule in the joint attention of
   those blocks (the image tokens of a [text; image; ...] sequence, or a sequence of image tokens
   alone) and hands every other call to the override already installed, or to ComfyUI's kernel.
@@ -59,12 +62,12 @@ import inspect
 import logging
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-import comfy.model_base
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
@@ -72,59 +75,20 @@ from comfy.patcher_extension import WrappersMP
 from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS, apply_torch_compile_factory
 
 from ..attention.roles import Layer, RowPlan
-
-
-class UnsupportedModel(ValueError):
-    pass
-
-
-SUPPORTED = "SD1.x / SD2.x / SDXL UNets (and their inpainting versions), Flux.1 (dev, schnell, Fill), Chroma and SD3.x"
-
-
-def _family(model) -> str:
-    return type(getattr(model.model, "model_config", model.model)).__name__  # e.g. SDXL, Flux, SD3
-
-
-def is_dit(model) -> bool:
-    """A diffusion transformer the DiT path supports: Flux.1 (plain or Fill), Chroma (Flux's double and single
-    stream blocks, the same block patches; not Chroma Radiance, which works in pixel space) or SD3.x (MMDiT).
-    Any other model is a UNet or refused."""
-    return type(model.model) in (comfy.model_base.Flux, comfy.model_base.Chroma, comfy.model_base.SD3)
-
-
-def dit_blocks(model) -> list[tuple[str, int]]:
-    """ComfyUI's patches_replace["dit"] keys of the model's joint-attention blocks, in call order:
-    Flux ("double_block", i) then ("single_block", i); SD3 ("double_block", i) for its joint blocks."""
-    dit = model.get_model_object("diffusion_model")
-    family = _family(model)
-    config = model.model.model_config.unet_config
-    if isinstance(model.model, comfy.model_base.Flux):
-        channels, out = config.get("in_channels"), config.get("out_channels", 16)
-        if channels not in (out, out * 2 + out * 4):  # plain, or Fill: latent + masked image + 8x8 mask
-            raise UnsupportedModel(
-                f"this {family} model takes {channels} input channels: a Flux control model (Depth / Canny / "
-                "Redux-style image concat) needs its own control image, which the pack does not give. Load Flux.1 "
-                "dev / schnell or Flux.1 Fill.")
-        names = ("double_blocks", "single_blocks")
-    else:
-        names = ("joint_blocks",)
-    keys = []
-    for name, kind in zip(names, ("double_block", "single_block"), strict=False):
-        keys += [(kind, i) for i in range(len(getattr(dit, name, ())))]
-    if not keys:
-        raise UnsupportedModel(f"this {family} model ({type(dit).__name__}) has no joint-attention block to patch")
-    return keys
+from . import families
+from .families import UnsupportedModel
 
 
 def self_attention_layers(model) -> dict[tuple[str, int, int], int]:
     """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them -> its level: the
     latent halved that many times (a Downsample before it in the encoder, an Upsample after it in the decoder)."""
     unet = model.get_model_object("diffusion_model")
-    family = _family(model)
+    family = families.model_name(model)
     if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
         raise UnsupportedModel(
             f"this model is {family} (a {type(unet).__name__} diffusion model), not a UNet of SpatialTransformers "
-            f"nor a supported diffusion transformer: Harmonizing Attention patches the self-attention of {SUPPORTED}, "
+            f"nor a supported diffusion transformer: Harmonizing Attention patches the self-attention of "
+            f"{families.SUPPORTED}, "
             "whose attention ComfyUI lets a node take over through its model patches. Load one of those checkpoints."
         )
     layers, level = {}, 0
@@ -152,14 +116,6 @@ def self_attention_layers(model) -> dict[tuple[str, int, int], int]:
 def self_attention_blocks(model) -> list[tuple[str, int, int]]:
     """(stage, block id, transformer index) of every self-attention block, as ComfyUI keys them."""
     return list(self_attention_layers(model))
-
-
-def is_inpainting(model) -> bool:
-    """SD-style inpainting UNets (mask + masked image concat) and Flux Fill (masked image + packed mask)."""
-    if type(model.model) is comfy.model_base.Flux:
-        config = model.model.model_config.unet_config
-        return config.get("in_channels", 16) > 2 * config.get("out_channels", 16)
-    return tuple(getattr(model.model, "concat_keys", ())) == ("mask", "masked_image")
 
 
 def schedule_position(extra_options) -> float | None:
@@ -281,12 +237,20 @@ class ModelCall:
                                           for layer, (k, v) in self.recorded.items()})
 
 
-def _model_wrapper(plan: RowPlan, key: str, resolve):
+def _same_length(tokens: int) -> int:
+    return tokens
+
+
+def _model_wrapper(plan: RowPlan, key: str, resolve, text_tokens: Callable[[int], int]):
     """APPLY_MODEL wrapper: a ModelCall for each model call, every layer resolved (`resolve(call)`) before the
-    diffusion model runs, filed after it."""
+    diffusion model runs, filed after it. text_tokens: the context's length -> the text tokens a DiT attends to."""
 
     def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        txt = c_crossattn.shape[1] if c_crossattn is not None else None  # until a block reports its own
+        if x.ndim == 5 and x.shape[2] != 1:  # [B, C, T, H, W]: T frames would be T grids of image tokens
+            raise RuntimeError(f"Harmonizing Attention takes single images, but this latent holds {x.shape[2]} frames "
+                               f"({tuple(x.shape)}): encode each image on its own")
+        # the text length until a block reports its own (SD3 may prepend register tokens to the context)
+        txt = text_tokens(c_crossattn.shape[1]) if c_crossattn is not None else None
         call = ModelCall(plan, x.shape[-2:], transformer_options.get("cond_or_uncond", [0]), t,
                          transformer_options.get("sample_sigmas"), x.device, txt)
         call.check(x.shape[0], "model")
@@ -305,8 +269,9 @@ def _call_key(patched) -> str:
     return CALL_KEY if n == 0 else f"{CALL_KEY}.{n}"
 
 
-def _install(patched, plan: RowPlan, key: str, resolve) -> None:
-    comfy.patcher_extension.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _model_wrapper(plan, key, resolve),
+def _install(patched, plan: RowPlan, key: str, resolve, text_tokens: Callable[[int], int] = _same_length) -> None:
+    comfy.patcher_extension.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+                                                 _model_wrapper(plan, key, resolve, text_tokens),
                                                  patched.model_options, is_model_options=True)
     _compile_for_pack(patched)
 
@@ -348,7 +313,7 @@ def apply_plan(model, plan: RowPlan, dit_window: tuple[float, float] = (0.0, 1.0
     """A clone of `model` whose self-attention follows `plan`; `model` itself is left untouched.
     `dit_window`: on a diffusion transformer, the [start, end) fraction of its depth that is patched
     (see apply_dit_plan); a UNet ignores it."""
-    if is_dit(model):
+    if families.is_dit(model):
         return apply_dit_plan(model, plan, dit_window)
     layers = self_attention_layers(model)
     patched = model.clone()
@@ -500,16 +465,31 @@ def _compile_for_pack(patched) -> None:
 
 @dataclass(frozen=True)
 class DitBlock:
-    kind: str  # "double_block" (Flux double stream, SD3 joint) or "single_block" (Flux single stream)
+    kind: str  # "double_block" (Flux double stream, SD3 joint, Qwen-Image, Z-Image) or "single_block" (Flux single stream)
     index: int
     depth: float  # i / n for the i-th of the model's n blocks in call order
+
+
+def _replaced_block(options) -> Optional[DitBlock]:
+    """The block the pack's patches_replace["dit"] replace put in transformer_options (None outside its blocks)."""
+    return options.get(BLOCK_KEY)
+
+
+def _named_block(block_type: str, blocks: dict[int, DitBlock]) -> Callable[[dict], Optional[DitBlock]]:
+    """For a forward that names its joint blocks itself (families.DitFamily.named_blocks: block_type, block_index i):
+    the patched block of that index, else None."""
+    def block_of(options) -> Optional[DitBlock]:
+        return blocks.get(options.get("block_index")) if options.get("block_type") == block_type else None
+
+    return block_of
 
 
 @dataclass
 class _Dit:
     plan: RowPlan
-    patch: int  # latent pixels per token side (2 for Flux and SD3)
+    patch: int  # latent cells per token side (families.patch_size: 2, Flux.2's 1)
     previous: object = None  # the optimized_attention_override this one chains to
+    block_of: Callable[[dict], Optional[DitBlock]] = _replaced_block  # a layer call's block, from its options
 
 
 def _block_replace(block: DitBlock, previous, key: str):
@@ -537,7 +517,7 @@ def _split(dit: _Dit, call: ModelCall, tokens: int) -> tuple[tuple[int, int], tu
         raise RuntimeError(
             f"Harmonizing Attention could not find the {h}x{w} image tokens of a {call.latent_hw[1]}x{call.latent_hw[0]} "
             f"latent in a joint attention of {tokens} tokens (text: {txt}): this model lays out its tokens in a way "
-            "the pack does not know. Use Flux.1 / Flux.1 Fill / Chroma / SD3.x without extra token inputs.")
+            f"the pack does not know. Use {families.DIT_NAMES} without reference-image inputs.")
     return (txt, txt + n), (h, w)
 
 
@@ -546,7 +526,7 @@ def _override(dit: _Dit, key: str):
 
     def override(func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
-        block, call = options.get(BLOCK_KEY), options.get(key)
+        block, call = dit.block_of(options), options.get(key)
 
         def host(*a, **kw):
             return dit.previous(func, *a, **kw) if dit.previous is not None else func(*a, **kw)
@@ -613,23 +593,93 @@ def apply_dit_plan(model, plan: RowPlan, window: tuple[float, float] = (0.0, 1.0
     start, end = window
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"the DiT block window is {start}-{end}: use fractions of the depth, 0 <= start <= end <= 1")
-    blocks = dit_blocks(model)
+    family = families.family(model)
+    keys = families.dit_blocks(model)
+    placed = {key: DitBlock(key[0], key[1], i / len(keys)) for i, key in enumerate(keys) if start <= i / len(keys) < end}
     patched = model.clone()
     key = _call_key(patched)
     to = patched.model_options["transformer_options"]
-    dit = _Dit(plan, int(getattr(model.get_model_object("diffusion_model"), "patch_size", 2)),
-               previous=to.get("optimized_attention_override"))
-    existing = to.get("patches_replace", {}).get("dit", {})
-    window = [block for i, block in enumerate(blocks) if start <= i / len(blocks) < end]
-    for block in window:
-        patched.set_model_patch_replace(_block_replace(DitBlock(block[0], block[1], blocks.index(block) / len(blocks)),
-                                                       existing.get(block), key), "dit", *block)
+    dit = _Dit(plan, families.patch_size(model), previous=to.get("optimized_attention_override"))
+    if family.named_blocks is None:
+        existing = to.get("patches_replace", {}).get("dit", {})
+        for block_key, block in placed.items():
+            patched.set_model_patch_replace(_block_replace(block, existing.get(block_key), key), "dit", *block_key)
+    else:
+        dit.block_of = _named_block(family.named_blocks, {block.index: block for block in placed.values()})
+    # set_model_patch_replace copied transformer_options: set the override on the clone's current dict
     patched.model_options["transformer_options"]["optimized_attention_override"] = _override(dit, key)
 
     def resolve(call: ModelCall):  # every block: one Program (RowPlan.program's cache), its own recorded rows
         grid = tuple(math.ceil(v / dit.patch) for v in call.latent_hw)
-        for block in window:
-            call.layer(block, "output", grid, 1, joint=True)
+        for block_key in placed:
+            call.layer(block_key, "output", grid, 1, joint=True)
 
-    _install(patched, plan, key, resolve)
+    _install(patched, plan, key, resolve, functools.partial(family.text_tokens, model.get_model_object("diffusion_model")))
     return patched
+
+
+# ---------------------------------------------------------------- step caches and other samplers' model options
+
+# Step caches skip a model evaluation whose input changed little since the previous one and reuse that one's
+# output, counting evaluations as sampling steps. The pack's passes need every evaluation: ReNoise evaluates the model
+# several times at one step, and a UNet's source pass is recorded and replayed evaluation by evaluation. They are
+# known by the key of the wrappers they register (ModelPatcher.add_wrapper_with_key, or transformer_options["wrappers"]
+# of the model options) and the transformer_options entry that holds their per-run state: wrapper key -> (name, state).
+STEP_CACHES = {
+    "easycache": ("EasyCache", "easycache"),  # comfy_extras/nodes_easycache.py (0.3.64 and 0.33), forks keeping its key
+    "lazycache": ("LazyCache", "easycache"),  # the same file; its state sits under EasyCache's key
+    "teacache": ("TeaCache", "teacache"),  # TeaCache ports built on ComfyUI's wrappers
+}
+
+
+def _wrapper_keys(model) -> set:
+    to_wrappers = model.model_options.get("transformer_options", {}).get("wrappers", {})
+    return {key for wrappers in (model.wrappers, to_wrappers) for by_key in wrappers.values() for key in by_key}
+
+
+def step_caches(model) -> list[str]:
+    """The names of the step caches on `model` (STEP_CACHES), in that table's order."""
+    keys = _wrapper_keys(model)
+    return [name for key, (name, _) in STEP_CACHES.items() if key in keys]
+
+
+def without_step_caches(model):
+    """A clone of `model` without its step caches (every wrapper under their keys, and their state), for a pass that
+    needs every model evaluation; `model` itself, untouched, when it has none."""
+    keys = _wrapper_keys(model) & STEP_CACHES.keys()
+    if not keys:
+        return model
+    clone = model.clone()
+    to = clone.model_options["transformer_options"]
+    for wrappers in (clone.wrappers, to.get("wrappers", {})):
+        for by_key in wrappers.values():
+            for key in keys:
+                by_key.pop(key, None)
+    for key in keys:
+        to.pop(STEP_CACHES[key][1], None)
+    return clone
+
+
+def has_denoise_mask_function(model) -> bool:
+    """A denoise-mask function (DifferentialDiffusion's) is set: ComfyUI calls it only on a sampler given a denoise
+    mask, which the pack's passes never are (see pipeline._FromLatent)."""
+    return model.model_options.get("denoise_mask_function") is not None
+
+
+def model_notes(model, node: str, why: str) -> list[str]:
+    """What `node` tells the user about the patches on its MODEL that its passes do not run. `why`: why a step cache
+    cannot run in the node's passes (a sentence)."""
+    notes = []
+    caches = step_caches(model)
+    if caches:
+        names = " and ".join(caches)
+        notes.append(f"{names} on the MODEL is suspended in {node}: {why} {node} runs every model evaluation; the "
+                     f"MODEL keeps {names} for your other nodes.")
+    if has_denoise_mask_function(model):
+        notes.append(
+            f"DifferentialDiffusion (a denoise-mask function on the MODEL) has no effect in {node}: ComfyUI applies it "
+            "only in a sampler given a denoise mask, and the pack samples from inverted latents without one (a denoise "
+            "mask would hold the area outside it at the clean latent plus the sampler's noise, which is not where an "
+            "inverted trajectory runs). A geometry transfer's soft edge is HA_LatentBlend's feather, and "
+            "HA_DetailPreservingComposite's feather in pixels.")
+    return notes

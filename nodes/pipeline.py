@@ -5,7 +5,9 @@ concat, latent scaling, CFG, wrappers and hooks all stay ComfyUI's).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Optional
 
 import logging
@@ -19,15 +21,19 @@ import latent_preview
 import node_helpers
 
 from ..attention import edit, inversion
+from ..attention import window as working_region
 from ..attention.kv import Balance
 from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, texture_aligning_rules
 from ..attention.tokens import blend, latent_mask
 from ..attention.trajectory import Trajectory
 from . import reuse
-from .patch import apply_plan, is_dit, is_inpainting
+from .families import is_dit, is_inpainting
+from .patch import apply_plan, without_step_caches
 
+DEFAULT_SCHEDULER = "default"  # the inversion nodes' scheduler choice meaning SCHEDULER, or FLOW_SCHEDULER on flow models
 SCHEDULER = "ddim_uniform"  # DDIM's timesteps; the sampler below is DDIM itself (eta = 0)
 FLOW_SCHEDULER = "simple"  # rectified-flow models (Flux, SD3): their own shifted sigmas, evenly in time
+CLEAN_SIGMA = 1e-4  # where an inversion starts: the model is evaluated just above sigma 0, like FlipSigmas
 
 
 @dataclass(frozen=True)
@@ -37,16 +43,27 @@ class Scene:
     With G geometries per target (HA_AddGeometry), S = G or G * P source rows, pair-major (row p * G + g;
     see roles.PairLayout), `geometry` holds every patch composited in order (later on top) and
     `geometry_mask` their union; `placed_masks` keeps each geometry's own M_geo_g.
+
+    Sources (Hs x Ws) may have another size than the target (H x W). The model runs on the working canvas of
+    `window` (attention/window.py: the working region, planned from the masks with `working_size` and `context`);
+    `working_scene` resamples the scene onto it and HA_DetailPreservingComposite takes the result back.
     """
 
-    source: torch.Tensor  # [S, H, W, 3]
-    source_mask: torch.Tensor  # [S, H, W], binary
+    source: torch.Tensor  # [S, Hs, Ws, 3]
+    source_mask: torch.Tensor  # [S, Hs, Ws], binary
     target: torch.Tensor  # [P, H, W, 3]
     geometry: torch.Tensor  # [P, H, W, 3], the transformed source(s) pasted on the target
     geometry_mask: torch.Tensor  # [P, H, W], binary: M_geo = T(M_src) (the union of all M_geo_g)
     geometries: int = 1
     placed_masks: Optional[torch.Tensor] = None  # [P, G, H, W], binary M_geo_g; None with one geometry
     color_adjusted: bool = False  # HA_ColorShift ran (geometries can no longer be added)
+    working_size: int = 0  # 0: the whole target at its own pixels
+    context: float = working_region.CONTEXT
+
+    @cached_property
+    def window(self) -> working_region.Window:
+        """The working region of this scene's geometries (planned once per scene: every change makes a new Scene)."""
+        return working_region.plan(self.geometry_mask, self.source_mask, self.working_size, self.context)
 
     @property
     def layout(self) -> PairLayout:
@@ -77,13 +94,14 @@ class Inverted:
     """
 
     scene: Scene
-    latents: torch.Tensor  # [S + 2P, C, h, w] at sigmas[0]
+    latents: torch.Tensor  # [S + 2P, C, h, w] at sigmas[0] ([S + 2P, C, 1, h, w] for a video VAE's 5-D latents)
     sigmas: torch.Tensor  # the generation schedule, descending, ending at 0
     model_family: str
     inpaint_latents: Optional[torch.Tensor]  # [S + 2P, C, h, w] masked images, for inpainting models
-    blended: Optional[torch.Tensor] = None  # [P, C, h, w]
-    blend_mask: Optional[torch.Tensor] = None  # [P, 1, h, w]
+    blended: Optional[torch.Tensor] = None  # [P, C, h, w] (or [P, C, 1, h, w])
+    blend_mask: Optional[torch.Tensor] = None  # [P, 1, h, w] (or [P, 1, 1, h, w]: broadcast over the latents)
     guidance: Optional[float] = None  # a guidance-distilled model's (Flux dev) guidance input of the inversion
+    scheduler: Optional[str] = None  # the ComfyUI scheduler that gave `sigmas` (scheduler_name: "default" resolved)
 
     @property
     def layout(self) -> PairLayout:
@@ -94,15 +112,21 @@ def add_geometry(scene: Scene, source: torch.Tensor, source_mask: torch.Tensor, 
     """The scene with one more geometry: the source's masked patch placed on the target and pasted over
     the scene's geometry image (on top of every earlier geometry where they overlap).
 
-    source [1 or P, H, W, 3] at the size of the scene's sources; source_mask [1 or that batch, H, W]. The
-    source rows stay one per geometry while every geometry has a single source, else become one per
-    geometry and pair (roles.PairLayout)."""
+    source [1 or P, Hs, Ws, 3] of any size; source_mask [1 or that batch, Hs, Ws]. The source rows stay one per
+    geometry while every geometry has a single source, else become one per geometry and pair (roles.PairLayout).
+    Sources of different sizes are padded at the right and bottom (border repeated, mask 0) to the largest: the
+    source rows run at one size; each was placed at its own."""
     pairs, g = scene.geometry.shape[0], scene.geometries
     n = max(source.shape[0], source_mask.shape[0])
     source, source_mask = source[..., :3].expand(n, -1, -1, -1), edit.binarize(source_mask).expand(n, -1, -1)
     placed, mask = edit.place_source(source, source_mask, scene.target, placement)  # [P, H, W, 3], [P, H, W]
     geometry = torch.where(mask[..., None] > 0, placed, scene.geometry)
     earlier = scene.placed_masks if scene.placed_masks is not None else scene.geometry_mask[:, None]
+    size = tuple(max(a, b) for a, b in zip(scene.source.shape[1:3], source.shape[1:3], strict=True))
+    scene = replace(scene, source=working_region.crop(scene.source, [(0, 0)], size),
+                    source_mask=working_region.crop(scene.source_mask, [(0, 0)], size, mask=True))
+    source, source_mask = working_region.crop(source, [(0, 0)], size), working_region.crop(source_mask, [(0, 0)], size,
+                                                                                           mask=True)
     if n == 1 and scene.source.shape[0] == g:  # every geometry keeps one source for all pairs
         sources, source_masks = torch.cat([scene.source, source]), torch.cat([scene.source_mask, source_mask])
     else:
@@ -117,6 +141,29 @@ def add_geometry(scene: Scene, source: torch.Tensor, source_mask: torch.Tensor, 
                    placed_masks=torch.cat([earlier, mask[:, None]], 1))
 
 
+def working_scene(scene: Scene, multiple: int) -> Scene:
+    """The scene on its window's working canvas, padded at right and bottom to sides that are multiples of
+    `multiple` (the model's pixel step): what the model runs on. The scene's own tensors when the window is the
+    whole target at its own size, the sources have that size and no padding is needed."""
+    win = scene.window
+    size, box = win.size_hw, [win.box[:2]]
+
+    def image(t, origins):
+        return working_region.pad(working_region.resample_image(working_region.crop(t, origins, size), win.canvas_hw),
+                                  multiple)
+
+    def mask(t, origins):
+        cut = working_region.crop(t, origins, size, mask=True)
+        return working_region.pad(working_region.resample_mask(cut, win.canvas_hw), multiple, mask=True)
+
+    placed = scene.placed_masks
+    if placed is not None:
+        placed = mask(placed.flatten(0, 1), box).unflatten(0, placed.shape[:2])
+    return replace(scene, source=image(scene.source, win.source_origins), source_mask=mask(scene.source_mask,
+                   win.source_origins), target=image(scene.target, box), geometry=image(scene.geometry, box),
+                   geometry_mask=mask(scene.geometry_mask, box), placed_masks=placed, working_size=0)
+
+
 def model_family(model) -> str:
     inner = model.model
     return f"{type(inner).__name__}/{type(inner.latent_format).__name__}/{'inpaint' if is_inpainting(model) else 'plain'}"
@@ -129,11 +176,64 @@ def is_flow(model) -> bool:
     return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
 
 
-def schedule(model, steps: int) -> torch.Tensor:
-    """The descending schedule (sigmas, last one 0) of `steps` steps for this model: DDIM's timesteps, or
-    for a flow model its own (shifted) sigmas evenly in time, from 1 (pure noise) to 0."""
-    scheduler = FLOW_SCHEDULER if is_flow(model) else SCHEDULER
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+def scheduler_name(model, scheduler: str = DEFAULT_SCHEDULER) -> str:
+    """The ComfyUI scheduler `scheduler` stands for on this model: DEFAULT_SCHEDULER is DDIM's timesteps
+    (ddim_uniform), or on a flow model its own sigmas evenly in time (simple)."""
+    if scheduler == DEFAULT_SCHEDULER:
+        return FLOW_SCHEDULER if is_flow(model) else SCHEDULER
+    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise ValueError(f"scheduler {scheduler!r}: choose {DEFAULT_SCHEDULER!r} or one of ComfyUI's schedulers "
+                         f"{comfy.samplers.SCHEDULER_NAMES}")
+    return scheduler
+
+
+def schedule(model, steps: int, scheduler: str = DEFAULT_SCHEDULER) -> torch.Tensor:
+    """The descending schedule (sigmas, last one 0) of `steps` steps for this model from the ComfyUI scheduler
+    `scheduler` names (scheduler_name; the default: DDIM's timesteps, or for a flow model its own (shifted)
+    sigmas evenly in time, from 1 (pure noise) to 0). The same sigmas serve the inversion (flipped, from
+    CLEAN_SIGMA up) and the generation; a schedule that cannot serve both is refused with the fix."""
+    name = scheduler_name(model, scheduler)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), name, steps).cpu()
+    # the default keeps earlier versions' schedules as they were, ddim_uniform's 999 steps for steps = 1000 too
+    problem = _unfit(sigmas, None if scheduler == DEFAULT_SCHEDULER else steps)
+    if problem:
+        raise ValueError(f"the {name} scheduler with steps = {steps} {problem}, so it does not fit an inversion: "
+                         "choose another scheduler (sgm_uniform or simple for few-step models; default as in the "
+                         "paper) or another number of steps")
+    return sigmas
+
+
+def _unfit(sigmas: torch.Tensor, steps: Optional[int]) -> Optional[str]:
+    """What keeps `sigmas` from being an inversion's schedule, or None: it must fall strictly to exactly 0, its
+    lowest noise level above CLEAN_SIGMA (where the flipped schedule starts), with no fewer steps than `steps`
+    (beta merges repeated timesteps; ddim_uniform's stride may give more, which is fine); None: any count."""
+    values = [float(v) for v in sigmas.reshape(-1)]
+    if sigmas.ndim != 1 or len(values) < 2:
+        return f"gives no step (sigma {sigma_path(values)})"
+    if not all(math.isfinite(v) for v in values):
+        return f"gives sigmas that are not numbers (sigma {sigma_path(values)})"
+    if any(b >= a for a, b in zip(values, values[1:], strict=False)):
+        return f"gives sigmas that do not fall step by step (sigma {sigma_path(values)})"
+    if values[-1] != 0:
+        return f"ends at sigma {values[-1]:.4g}, not at the clean image (0)"
+    if steps is not None and len(values) - 1 < steps:
+        return f"gives only {len(values) - 1} steps (sigma {sigma_path(values)})"
+    if values[-2] <= CLEAN_SIGMA:
+        return f"has its lowest noise level {values[-2]:.3g} at or below {CLEAN_SIGMA}, where an inversion starts"
+    return None
+
+
+def sigma_path(values) -> str:
+    """A schedule for people: "14.61 > 4.086 > ... > 0" (every value up to 11 of them)."""
+    values = [float(v) for v in values]
+    shown = values if len(values) <= 11 else [*values[:3], None, *values[-3:]]
+    return " > ".join("..." if v is None else f"{v:.4g}" for v in shown)
+
+
+def at_pure_noise(model, sigma: float) -> bool:
+    """Whether `sigma` is the model's pure-noise end (sigma_max), as ComfyUI's samplers decide it."""
+    sigma_max = float(model.get_model_object("model_sampling").sigma_max)
+    return math.isclose(sigma, sigma_max, rel_tol=1e-5) or sigma > sigma_max
 
 
 def guidance_of(model, conditioning) -> Optional[float]:
@@ -186,11 +286,19 @@ def with_inpaint(conditioning, masked_latents: Optional[torch.Tensor], masks: to
     )
 
 
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """Latents of images [B, H, W, 3], one per image: [B, C, h, w], or [B, C, 1, h, w] from a video VAE (Qwen-Image's
+    Wan VAE), which would take a batch of images as the frames of one video."""
+    if getattr(vae, "latent_dim", 2) == 3:
+        return torch.cat([vae.encode(image[None]) for image in images[..., :3]])
+    return vae.encode(images[..., :3])
+
+
 def masked_image_latents(vae, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """An inpainting model's masked images, encoded: pixels inside the (rounded) mask set to grey, as
     InpaintModelConditioning does. images [B, H, W, C], masks [B, H, W]."""
     keep = (1.0 - masks.round())[..., None]
-    return vae.encode((images[..., :3] - 0.5) * keep + 0.5)
+    return encode(vae, (images[..., :3] - 0.5) * keep + 0.5)
 
 
 class _FromLatent(comfy.samplers.KSAMPLER):
@@ -235,8 +343,12 @@ def _sampler(loop):
 
 def run_sampler(model, loop, latents, sigmas, positive, negative, cfg, guider=None):
     """Run `loop` as a ComfyUI sampler from `latents` (no noise added), exactly as SamplerCustom would.
-    `guider`: a comfy.samplers.CFGGuider subclass over `model`; default ComfyUI's plain CFGGuider."""
-    guider = guider or comfy.samplers.CFGGuider(model)
+    `guider(model)` makes the comfy.samplers.CFGGuider (or subclass) to sample with; default ComfyUI's plain CFGGuider.
+
+    Every pass of the pack needs every model evaluation it asks for (ReNoise evaluates several times at one step, a
+    UNet's source pass is replayed evaluation by evaluation, the appearance guidance evaluates twice per step): the
+    model's step caches are suspended for the pass (patch.without_step_caches; `model` keeps them)."""
+    guider = (guider or comfy.samplers.CFGGuider)(without_step_caches(model))
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
@@ -249,7 +361,7 @@ def invert_latents(model, latents, sigmas, positive, iterations: int, average_la
     """DDIM + ReNoise inversion of `latents` up the descending generation schedule `sigmas` (no CFG). On a flow
     model the same step is the Euler step of the flow ODE (see attention.inversion)."""
     up = sigmas.flip(0)
-    up[0] = max(float(up[0]), 1e-4)  # the clean end: evaluate the model just above sigma 0, like FlipSigmas
+    up[0] = max(float(up[0]), CLEAN_SIGMA)  # the clean end: evaluate the model just above sigma 0, like FlipSigmas
 
     def loop(denoise, x, s, callback):
         return inversion.invert(denoise, x, s, iterations=iterations, average_last=average_last, callback=callback)
@@ -279,7 +391,7 @@ def _rows_from(rules: list, first: int, recorded: bool = False) -> list:
 
 def _encode(model, vae, images: torch.Tensor, masks: torch.Tensor):
     """(latents, masked-image latents or None) of images [B, H, W, 3] with region masks [B, H, W]."""
-    latents = vae.encode(images[..., :3])
+    latents = encode(vae, images)
     return latents, masked_image_latents(vae, images, masks) if is_inpainting(model) else None
 
 
@@ -304,13 +416,14 @@ def invert_sources(model, vae, conditioning, scene: Scene, sigmas, iterations: i
 
 def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, average_last: int,
            mode: str, dit_window: tuple[float, float] = (0.0, 1.0), *, balance: Optional[Balance] = None,
-           report: Optional[list] = None) -> Inverted:
-    """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention.
-    `balance` weighs the target's keys (kv.Balance); `report` receives the weights each layer got.
+           report: Optional[list] = None, scheduler: str = DEFAULT_SCHEDULER) -> Inverted:
+    """DDIM + ReNoise inversion of [sources, targets, geometries] with Texture-aligning Attention, over the
+    `scheduler`'s schedule (see schedule). `balance` weighs the target's keys (kv.Balance); `report` receives
+    the weights each layer got.
 
     Two batches: the sources alone (reused across runs, see invert_sources), then [targets, geometries]."""
     layout = scene.layout
-    sigmas = schedule(model, steps)
+    sigmas = schedule(model, steps, scheduler)
     z_src, inpaint_src = invert_sources(model, vae, conditioning, scene, sigmas, iterations, average_last)
 
     images = torch.cat([scene.target, scene.geometry])
@@ -323,7 +436,7 @@ def invert(model, vae, conditioning, scene: Scene, steps: int, iterations: int, 
     _log_balance(plan, "texture-aligning", report)
     return Inverted(scene=scene, latents=torch.cat([z_src, z_t]), sigmas=sigmas, model_family=model_family(model),
                     inpaint_latents=None if inpaint is None else torch.cat([inpaint_src, inpaint]),
-                    guidance=guidance_of(model, conditioning))
+                    guidance=guidance_of(model, conditioning), scheduler=scheduler_name(model, scheduler))
 
 
 def blend_latents(inverted: Inverted, feather: float) -> Inverted:
@@ -333,6 +446,7 @@ def blend_latents(inverted: Inverted, feather: float) -> Inverted:
     z_tar = z[layout.tar(0): layout.tar(0) + layout.pairs]
     z_geo = z[layout.geo(0): layout.geo(0) + layout.pairs]
     m = latent_mask(inverted.scene.geometry_mask, z.shape[-2], z.shape[-1], feather).to(z)
+    m = m.view(m.shape[0], 1, *[1] * (z.ndim - 4), *m.shape[-2:])  # over 5-D latents' frame too
     return replace(inverted, blended=blend(z_geo, z_tar, m), blend_mask=m)
 
 
@@ -355,7 +469,7 @@ def generate_sources(model, positive, negative, inverted: Inverted, cfg: float):
     Like their inversion, they depend on neither the placement nor the colour shift: a re-run with the same
     inverted sources, model, conditioning, cfg and schedule takes them from reuse.CACHE when they fit its
     budget (SD1.5 at 512 x 512, 25 steps: ~46 MB per step x the mask's fraction of the image in fp16,
-    x 2 in fp32 or with cfg != 1; see the README's "Re-runs reuse what did not change")."""
+    x 2 in fp32 or with cfg != 1; see docs/method.md, "Re-runs reuse what did not change")."""
     sources = inverted.layout.sources
     masks = _row_masks(inverted.scene, "generation")[:sources]
     inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:sources]

@@ -41,17 +41,24 @@ def find_comfyui() -> Path:
     )
 
 
-def start(cpu: bool, custom_nodes: bool = False) -> Path:
-    """Initialise ComfyUI once: CLI arguments, import order, built-in nodes, this pack. Returns its root."""
+def configure(cpu: bool) -> Path:
+    """Put ComfyUI on sys.path and set its command-line options (the CPU when `cpu`), as its main.py does before
+    anything imports comfy.model_management (which picks the device at import). Returns ComfyUI's root."""
     root = find_comfyui()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     sys.dont_write_bytecode = True  # ComfyUI may be a read-only source tree (CI's ../shared)
 
-    from comfy.cli_args import args  # must precede any import of comfy.model_management
+    from comfy.cli_args import args
 
     args.cpu = cpu
     args.use_pytorch_cross_attention = True  # ~4x faster than sub-quadratic attention on the CPU
+    return root
+
+
+def start(cpu: bool, custom_nodes: bool = False) -> Path:
+    """Initialise ComfyUI once: CLI arguments, import order, built-in nodes, this pack. Returns its root."""
+    root = configure(cpu)
     import utils.extra_config  # noqa: F401  (before `import nodes`, else `utils` resolves to comfy/utils.py)
     import nodes
 
@@ -63,16 +70,20 @@ def start(cpu: bool, custom_nodes: bool = False) -> Path:
 
 
 class _ServerStub:
-    """What PromptExecutor needs of PromptServer: it records the messages it is sent."""
+    """What PromptExecutor needs of PromptServer: it records the messages it is sent and hands each to `listener`
+    when one is set (run_prompt's on_event)."""
 
     def __init__(self):
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
         self.messages: list = []
+        self.listener = None
 
     def send_sync(self, event, data, sid=None):
         self.messages.append((event, data))
+        if self.listener is not None:
+            self.listener(event, data)
 
 
 class PromptError(RuntimeError):
@@ -103,25 +114,32 @@ async def _cached_outputs(executor, node_id):
     return getattr(cached, "outputs", cached)
 
 
-def run_prompt(prompt: dict, executor=None, outputs: list[str] | None = None) -> dict:
+def run_prompt(prompt: dict, executor=None, outputs: list[str] | None = None, on_event=None) -> dict:
     """Validate and execute an API-format prompt; return {node_id: (output values...)} of every node run.
 
     executor: one from new_executor() to keep its cache across prompts (default: a fresh one). outputs: the node
-    IDs to compute (with what they need) instead of the prompt's output nodes."""
-    return asyncio.run(_run_prompt(json.loads(json.dumps(prompt)), executor, outputs))
+    IDs to compute (with what they need) instead of the prompt's output nodes. on_event(event, data): called with
+    each message the executor sends a client ("executing" with {"node": id} as each node starts, ...)."""
+    return asyncio.run(_run_prompt(json.loads(json.dumps(prompt)), executor, outputs, on_event))
 
 
-async def _run_prompt(prompt: dict, executor, outputs) -> dict:
+async def _run_prompt(prompt: dict, executor, outputs, on_event=None) -> dict:
     import execution
 
     prompt_id = str(uuid.uuid4())
     valid = await execution.validate_prompt(prompt_id, prompt, None)
-    if not valid[0]:
-        raise PromptError(f"prompt invalid: {valid[1].get('message')} {valid[3]}",
-                          {"error": valid[1], "node_errors": valid[3]})
+    if not valid[0] or valid[3]:  # the server would run the outputs that passed (a preview) and drop the others
+        error = valid[1] or {"message": "Prompt outputs failed validation", "details": ""}
+        raise PromptError(f"prompt invalid: {error.get('message')} {valid[3]}",
+                          {"error": error, "node_errors": valid[3]})
     executor = executor or new_executor()
     executor.success = True  # a reused executor keeps the last prompt's flag until a node runs
-    await executor.execute_async(prompt, prompt_id, {}, valid[2] if outputs is None else list(outputs))
+    executor.server.listener = on_event
+    extra_data = {} if on_event is None else {"client_id": "headless"}  # the executor messages a client only
+    try:
+        await executor.execute_async(prompt, prompt_id, extra_data, valid[2] if outputs is None else list(outputs))
+    finally:
+        executor.server.listener = None
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
         err = errors[0] if errors else {"exception_message": "interrupted", "node_type": None}

@@ -102,7 +102,8 @@ def _number(value, name: str, where: str):
 
 
 def expand(rows: list[dict], base: Path) -> list[dict]:
-    """One item per row and copy: {id, row, copy, seed, paths (absolute), numbers or ranges, category, defect}."""
+    """One item per row and copy: {id, row, line (in the manifest), copy, seed, paths (absolute), numbers or ranges,
+    category, defect}."""
     items, seen = [], {}
     for index, row in enumerate(rows):
         where = f"manifest line {row.get('_line', index + 1)}"
@@ -135,8 +136,8 @@ def expand(rows: list[dict], base: Path) -> list[dict]:
             if not ID.match(value):
                 raise ManifestError(f"{where}: {name} {value!r}: use letters, digits, '.', '_' and '-' (a folder name)")
         for copy in range(copies):
-            items.append({"id": f"{row_id}_{copy:03d}", "row": row_id, "copy": copy, "seed": seed, **paths,
-                          **numbers, "category": category, "defect": defect})
+            items.append({"id": f"{row_id}_{copy:03d}", "row": row_id, "line": row.get("_line", index + 1),
+                          "copy": copy, "seed": seed, **paths, **numbers, "category": category, "defect": defect})
     return items
 
 
@@ -225,10 +226,44 @@ def load_mask(path: str):
     """[H,W] float mask as the workflow's LoadImageMask (channel red) reads it."""
     import numpy as np
     import torch
-    from PIL import Image
 
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGBA").getchannel("R"), dtype=np.float32) / 255.0)
+    im = run_workflow.read_image(path)
+    return torch.from_numpy(np.asarray(im.convert("RGBA").getchannel("R"), dtype=np.float32) / 255.0)
+
+
+def check_inputs(items: list[dict], progress: bool = False) -> dict[str, str]:
+    """{item id: what is wrong} for the items whose files cannot run, found before any model work: a file missing,
+    truncated or not decodable (each file fully decoded once, truncated loading off: ComfyUI's LoadImage would
+    retry a damaged file with it on and fill the missing rows with black), a source_mask not the source's size or
+    empty, a target_region not the target's size."""
+    import numpy as np
+    from tqdm import tqdm
+
+    files = sorted({item[k] for item in items for k in PATHS if item.get(k)})
+    seen: dict[str, tuple | str] = {}  # path -> (width, height, has a pixel >= 0.5 in red) or the error
+    for path in tqdm(files, desc="checking input files", unit="file", disable=not progress or len(files) < 50):
+        try:
+            im = run_workflow.read_image(path)
+            red = np.asarray(im.convert("RGBA").getchannel("R"))
+            seen[path] = (im.width, im.height, bool((red >= 128).any()))
+        except ValueError as err:
+            seen[path] = str(err)
+    bad = {}
+    for item in items:
+        problems = [f"{k} {seen[item[k]]}" for k in PATHS if item.get(k) and isinstance(seen[item[k]], str)]
+        if not problems:
+            size = {k: seen[item[k]][:2] for k in PATHS if item.get(k)}
+            for mask, image in (("source_mask", "source"), ("target_region", "target")):
+                if mask in size and size[mask] != size[image]:
+                    problems.append(f"{mask} {item[mask]} is {size[mask][0]}x{size[mask][1]} but {image} "
+                                    f"{item[image]} is {size[image][0]}x{size[image][1]}: give the {mask} at its "
+                                    f"{image}'s size")
+            if not seen[item["source_mask"]][2]:
+                problems.append(f"source_mask {item['source_mask']} is empty (no pixel >= 0.5 in its red channel): "
+                                "paint the geometry to transfer")
+        if problems:
+            bad[item["id"]] = "; ".join(problems)
+    return bad
 
 
 def draw(item: dict, source_mask, target_region=None):
@@ -262,20 +297,6 @@ def draw(item: dict, source_mask, target_region=None):
                      f"{rotation:g}: paint a larger region or lower the scale")
 
 
-def _upstream(prompt: dict, ref, classes: tuple[str, ...]) -> str:
-    """The node of one of `classes` that feeds the input `ref` ([node, slot]), through any nodes between."""
-    seen, todo = set(), [ref[0]]
-    while todo:
-        node_id = todo.pop()
-        if node_id in seen:
-            continue
-        seen.add(node_id)
-        if prompt[node_id]["class_type"] in classes:
-            return node_id
-        todo += [v[0] for v in prompt[node_id]["inputs"].values() if isinstance(v, list)]
-    raise ValueError(f"no {' / '.join(classes)} feeds node {ref[0]}: the dataset runner sets the images of those nodes")
-
-
 def _the(prompt: dict, class_type: str, why: str) -> str:
     found = [k for k, v in prompt.items() if v["class_type"] == class_type]
     if len(found) != 1:
@@ -302,10 +323,11 @@ class Worker:
         self.composite = _the(self.prompt, "HA_DetailPreservingComposite", "each item's image is its output")
         colors = [k for k, v in self.prompt.items() if v["class_type"] == "HA_ColorShift"]
         self.color = colors[0] if len(colors) == 1 else None
-        inputs = self.prompt[self.edit]["inputs"]
-        self.loaders = {"source": _upstream(self.prompt, inputs["source"], ("LoadImage",)),
-                        "target": _upstream(self.prompt, inputs["target"], ("LoadImage",)),
-                        "source_mask": _upstream(self.prompt, inputs["source_mask"], ("LoadImageMask",))}
+        loaders = run_workflow.image_loaders(self.prompt)
+        missing = [name for name in ("source", "source_mask", "target") if name not in loaders]
+        if missing:
+            raise ValueError(f"no LoadImage / LoadImageMask gives the {', '.join(missing)} of HA_GeometryImageEdit: "
+                             "the dataset runner sets the files of those loaders")
         self.executor = comfy_runtime.new_executor()
         # LoadImage reads files under ComfyUI's input folder only (newer versions refuse other paths): point it at
         # the folder holding every file of the manifest, for this worker's life
@@ -340,19 +362,14 @@ class Worker:
         import torch
         from PIL import Image
 
-        for name in PATHS:
-            if item.get(name) and not Path(item[name]).is_file():
-                raise FileNotFoundError(f"{name} {item[name]} not found")
+        # check_inputs found the files whole, the masks the right sizes and the source mask not empty
         source_mask = load_mask(item["source_mask"])
-        if not (source_mask >= 0.5).any():
-            raise ValueError(f"source_mask {item['source_mask']} is empty (no pixel >= 0.5 in its red channel): "
-                             "paint the geometry to transfer")
         region = load_mask(item["target_region"]) if item.get("target_region") else None
         placement, strength = draw(item, source_mask, region)
 
         prompt = json.loads(json.dumps(self.prompt))
-        for name, node_id in self.loaders.items():
-            prompt[node_id]["inputs"]["image"] = os.path.relpath(item[name], self.config["input_root"])
+        root = self.config["input_root"]
+        run_workflow.set_images(prompt, {k: item[k] for k in ("source", "source_mask", "target")}, root, root)
         prompt[self.edit]["inputs"].update(shift_x=placement.shift_x, shift_y=placement.shift_y,
                                            scale=placement.scale, rotation=placement.rotation)
         if strength is not None:
@@ -493,7 +510,13 @@ def _checkpoint(prompt: dict, ckpt: str | None) -> Path:
     names = {n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"}
     if len(names) != 1:
         raise ValueError(f"the workflow loads {len(names)} checkpoints; the dataset runner expects one")
-    return Path(folder_paths.get_full_path("checkpoints", names.pop()))
+    return Path(folder_paths.get_full_path("checkpoints", names.pop())).resolve()
+
+
+def failure(manifest: Path, item: dict, error: str, traceback: str | None = None) -> dict:
+    """A failed item's record (failed.jsonl): its error opens with the manifest file and line."""
+    return {"id": item["id"], "line": item["line"], "error": f"{manifest.name} line {item['line']}: {error}",
+            "traceback": traceback}
 
 
 def run(manifest, out, *, engine: str = "embedded", ckpt: str | None = None, workflow=DEFAULT_WORKFLOW,
@@ -510,11 +533,18 @@ def run(manifest, out, *, engine: str = "embedded", ckpt: str | None = None, wor
         write_coco(out, items)
         log(f"nothing to do: all {len(items)} items of {manifest} are in {out}")
         return summary
-    # items sharing a target, then a source, run back to back: ComfyUI's cache keeps their loaded images
-    todo.sort(key=lambda it: (it["target"], it["source"], it["source_mask"], it["id"]))
     prompt = json.loads(Path(workflow).read_text())
     run_workflow.apply_overrides(prompt, list(overrides))
     model = _checkpoint(prompt, ckpt)
+    # every file decoded and every size checked before any model work: a bad item is reported with its manifest
+    # line and files, nothing is written for it (a re-run tries it again) and the others run
+    by_id = {it["id"]: it for it in items}
+    failures = [failure(manifest, by_id[i], error) for i, error in check_inputs(todo, progress).items()]
+    for f in failures:
+        log(f"item {f['id']} failed: {f['error']}")
+    todo = [it for it in todo if it["id"] not in {f["id"] for f in failures}]
+    # items sharing a target, then a source, run back to back: ComfyUI's cache keeps their loaded images
+    todo.sort(key=lambda it: (it["target"], it["source"], it["source_mask"], it["id"]))
     files = [it[k] for it in items for k in PATHS if it.get(k)]
     config = {"prompt": prompt, "checkpoint": str(model), "cpu": cpu, "threads": threads,
               "input_root": os.path.commonpath([os.path.dirname(f) for f in files]),
@@ -522,10 +552,12 @@ def run(manifest, out, *, engine: str = "embedded", ckpt: str | None = None, wor
                              "comfyui_version": _comfyui_version(), "workflow": Path(workflow).name,
                              "overrides": list(overrides), "model_file": model.name,
                              "model_sha256": file_sha256(model, out)}}
-    log(f"{len(todo)} of {len(items)} items to run ({summary['skipped']} done before), engine {engine}")
-    results = embedded(config, todo) if engine == "embedded" else ray_engine(config, todo, workers, address)
+    log(f"{len(todo)} of {len(items)} items to run ({summary['skipped']} done before, {len(failures)} refused), "
+        f"engine {engine}")
+    results = (embedded(config, todo) if engine == "embedded" else ray_engine(config, todo, workers, address)) \
+        if todo else iter(())
     start = time.time()
-    failures, timings = [], []
+    timings = []
     try:
         from tqdm import tqdm
 
@@ -538,8 +570,10 @@ def run(manifest, out, *, engine: str = "embedded", ckpt: str | None = None, wor
                     _write(out / rel, files[rel])
                 summary["done"] += 1
             else:
-                failures.append({k: result[k] for k in ("id", "error", "traceback")})
-                bar.write(f"item {result['id']} failed: {result['error']}")
+                item = by_id[result["id"]]
+                files = ", ".join(f"{k} {item[k]}" for k in PATHS if item.get(k))
+                failures.append(failure(manifest, item, f"{result['error']} (its files: {files})", result["traceback"]))
+                bar.write(f"item {result['id']} failed: {failures[-1]['error']}")
     finally:
         write_coco(out, items)
         _write(out / "failed.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())

@@ -1,7 +1,8 @@
 # Sourced by scripts/test.sh and scripts/run.sh: finds ComfyUI and a Python that can run it.
 # Sets COMFYUI_PATH, PY and PACK. Creates a cached virtual environment (one per ComfyUI requirements
 # file) only when the current Python lacks what that ComfyUI imports at start-up; a ComfyUI install's
-# own Python is reused.
+# own Python is reused. A script that defines a function `before_setup` has it called with the base Python just
+# before an environment is built; a non-zero status exits.
 set -euo pipefail
 PACK="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"  # logical path: keeps custom_nodes/ symlinks
 
@@ -27,6 +28,8 @@ if [ -z "$PY" ] || ! runtime_ok "$PY"; then
   key="$( (cat "$COMFYUI_PATH/requirements.txt"; echo torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0; "$base" --version) | sha1sum | cut -c1-12)"
   venv="${HA_VENV_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/comfyui-harmonizing-attention/venv-$key}"
   if [ ! -x "$venv/bin/python" ] || ! runtime_ok "$venv/bin/python"; then
+    # the caller's quick checks first (run.sh: its options, image files and checkpoint), not minutes later
+    if declare -F before_setup >/dev/null; then before_setup "$base" || exit $?; fi
     echo "setting up a Python environment for ComfyUI $(basename "$COMFYUI_PATH") in $venv (a few minutes, once)" >&2
     rm -rf "$venv"
     "$base" -m venv "$venv"

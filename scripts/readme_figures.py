@@ -1,4 +1,4 @@
-"""Two of the README's figures: the regional colour shift on a left-to-right gradient target
+"""Two figures of docs/beyond-the-paper.md: the regional colour shift on a left-to-right gradient target
 (docs/regional_colour.png), and the reference share of Geometry-preserving Attention against the region's size,
 paper vs auto balance (docs/balance_share.png). Pure tensor work on the CPU, no model.
 

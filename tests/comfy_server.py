@@ -1,10 +1,8 @@
 """A real ComfyUI server (main.py) with this pack, for the app-level tests.
 
-`tiny_checkpoint()` writes a small random-weight SD1.5 checkpoint that CheckpointLoaderSimple
-detects as SD1.5 (inpainting: 9 input channels) so the shipped workflows run as they are, with
-only the checkpoint file being tiny: a reduced UNet at SD1.5's detection widths (model_channels 320,
-context_dim 768), the full-size CLIP-L text encoder (CheckpointLoaderSimple always builds it at
-full size) and a TAESD autoencoder as the VAE (ComfyUI detects it by its keys).
+`tiny_checkpoint()` (scripts/tiny_checkpoint.py, re-exported here) writes a small random-weight SD1.5
+checkpoint that CheckpointLoaderSimple detects as SD1.5 (inpainting: 9 input channels), so the shipped
+workflows run as they are with only the checkpoint file being tiny.
 
 `ComfyServer` runs `python main.py --cpu` in a subprocess with every folder ComfyUI writes to in
 a temporary base directory (--base-directory), the pack linked into its custom_nodes/: the
@@ -25,78 +23,12 @@ import uuid
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "comfyui-harmonizing-attention"
-CHECKPOINT_VERSION = 2  # bump when the checkpoint layout changes: cached files are keyed by it
+sys.path.insert(0, str(PACK_ROOT / "scripts"))
+from tiny_checkpoint import (  # noqa: E402,F401  (re-exported for the tests)
+    CHECKPOINT_VERSION, PACK_NAME, TINY_UNET, tiny_checkpoint, write_checkpoint,
+)
+
 INPAINT_CKPT = "sd-v1-5-inpainting.safetensors"
-# one level: SD1.5 detection fixes the width (320) and text width (768), not the depth
-TINY_UNET = {"model_channels": 320, "context_dim": 768, "channel_mult": [1], "num_res_blocks": [1],
-             "transformer_depth": [1], "transformer_depth_output": [1, 1],
-             "transformer_depth_middle": 1, "num_heads": 8}
-
-
-# ---------------------------------------------------------------- the checkpoint
-
-def _random_state(module, prefix: str, gen, dtype) -> dict:
-    """Seeded random weights for every tensor of `module` (scaled like a trained net's)."""
-    import torch
-
-    out = {}
-    for name, t in module.state_dict().items():
-        if name.endswith("bias"):
-            v = torch.randn(t.shape, generator=gen) * 0.02
-        elif ("norm" in name or "ln" in name.split(".")[-2:][0]) and t.ndim == 1:
-            v = 1 + torch.randn(t.shape, generator=gen) * 0.02
-        elif t.ndim == 0 or not t.dtype.is_floating_point:
-            v = t.clone()
-        else:
-            fan_in = max(1, t[0].numel()) if t.ndim > 1 else t.numel()
-            v = torch.randn(t.shape, generator=gen) / fan_in ** 0.5
-        out[prefix + name] = v.to(dtype if v.dtype.is_floating_point else v.dtype).contiguous()
-    return out
-
-
-def write_checkpoint(path: Path, in_channels: int = 9, seed: int = 0) -> Path:
-    """Write the tiny SD1.5(-inpainting) checkpoint to `path` (fp16 safetensors). Needs comfy importable."""
-    import comfy.clip_model
-    import comfy.ops
-    import comfy.supported_models
-    import comfy.taesd.taesd
-    import torch
-    from safetensors.torch import save_file
-
-    gen = torch.Generator().manual_seed(seed)
-    config = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-              "adm_in_channels": None, "in_channels": in_channels, "out_channels": 4, "num_head_channels": -1,
-              "use_linear_in_transformer": False, "use_temporal_resblock": False,
-              "use_temporal_attention": False, **TINY_UNET}
-    unet = comfy.supported_models.SD15(config).get_model({}).diffusion_model
-    sd = _random_state(unet, "model.diffusion_model.", gen, torch.float16)
-    del unet
-    clip_config = json.loads((Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json").read_text())
-    clip = comfy.clip_model.CLIPTextModel(clip_config, torch.float32, "cpu", comfy.ops.disable_weight_init)
-    sd.update(_random_state(clip, "cond_stage_model.transformer.", gen, torch.float16))
-    del clip
-    vae = comfy.taesd.taesd.TAESD(latent_channels=4)
-    sd.update(_random_state(vae, "first_stage_model.", gen, torch.float16))
-    # TAESD's last conv gives the pixels: mid-grey plus visible detail, not random weights' near-black
-    last = "first_stage_model.taesd_decoder.19."
-    sd[last + "bias"] = torch.full_like(sd[last + "bias"], 0.5)
-    sd[last + "weight"] = sd[last + "weight"] * 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file(sd, str(tmp))
-    tmp.replace(path)
-    return path
-
-
-def tiny_checkpoint(in_channels: int = 9) -> Path:
-    """The cached tiny checkpoint (written once per machine, ~5 s, ~300 MB: the CLIP-L text encoder)."""
-    cache = Path(os.environ.get("HA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                 / PACK_NAME)
-    path = cache / f"tiny-sd15-{'inpaint' if in_channels == 9 else 'plain'}-v{CHECKPOINT_VERSION}.safetensors"
-    if not path.is_file():
-        write_checkpoint(path, in_channels)
-    return path
 
 
 def shipped_checkpoint_names() -> set[str]:
@@ -116,10 +48,13 @@ def shipped_checkpoints() -> dict[str, Path | None]:
             for name in sorted(shipped_checkpoint_names())}
 
 
-SEPARATE_LOADERS = {"UNETLoader": 0, "DualCLIPLoader": 1, "VAELoader": 2}  # -> HATest_TinyCheckpoint's output
+SEPARATE_LOADERS = {"UNETLoader": 0, "CLIPLoader": 1, "DualCLIPLoader": 1, "VAELoader": 2}  # -> HATest_TinyCheckpoint's
 # the model folder of each file input of those loaders
-LOADER_FILES = {"unet_name": "diffusion_models", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
-                "vae_name": "vae"}
+LOADER_FILES = {"unet_name": "diffusion_models", "clip_name": "text_encoders", "clip_name1": "text_encoders",
+                "clip_name2": "text_encoders", "vae_name": "vae"}
+# the test pack's tiny model standing in for a loader, by the first of these fragments its (lower-case) file name holds
+TINY_MODELS = (("flux2", "tiny-flux2"), ("flux", "tiny-flux-fill"), ("qwen_image", "tiny-qwen-image"),
+               ("z_image", "tiny-z-image"), ("sd3", "tiny-sd3"))
 
 
 def shipped_model_files() -> set[tuple[str, str]]:
@@ -145,7 +80,16 @@ def runnable(base: Path, prompt: dict) -> bool:
 def tiny_for(loader: dict) -> str:
     """The test pack's tiny model standing in for a shipped loader no tiny file can replace."""
     name = next(iter(loader["inputs"].values())).lower()
-    return "tiny-flux-fill" if "flux" in name else "tiny-sd3" if "sd3" in name else "tiny-sdxl"
+    return next((tiny for part, tiny in TINY_MODELS if part in name), "tiny-sdxl")
+
+
+def missing_family(prompt: dict, vae: bool = True) -> str | None:
+    """Why this ComfyUI cannot run the prompt with the test pack's tiny models (a family it lacks; with `vae`, or whose
+    tiny VAE it cannot build), or None."""
+    import harness
+
+    tinies = {tiny for tiny, _, _ in loader_swaps(prompt).values() if tiny in harness.TINY_FAMILIES}
+    return next(filter(None, (harness.family_missing(tiny, vae) for tiny in sorted(tinies))), None)
 
 
 def loader_swaps(prompt: dict) -> dict[str, tuple[str, str, int | None]]:
@@ -187,15 +131,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def small_examples(folder: Path, size: int = 64) -> None:
-    """The pack's example images under their shipped names, downscaled (the workflows load them by name)."""
+def small_copy(image: Path, dest: Path, size: int = 64) -> None:
+    """`image` downscaled to size x size: colours with Lanczos; a mask file and an alpha channel (the mask painted in
+    the app's mask editor, LoadImage's MASK) nearest-neighbour, so they stay binary."""
     from PIL import Image
 
+    with Image.open(image) as im:
+        if "mask" in image.name:
+            im.resize((size, size), Image.NEAREST).save(dest)
+            return
+        small = im.convert("RGB").resize((size, size), Image.LANCZOS)
+        if "A" in im.getbands():
+            small.putalpha(im.getchannel("A").resize((size, size), Image.NEAREST))
+        small.save(dest)
+
+
+def small_examples(folder: Path, size: int = 64) -> None:
+    """The pack's example images under their shipped names, downscaled (the workflows load them by name)."""
     folder.mkdir(parents=True, exist_ok=True)
     for image in (PACK_ROOT / "example_images").glob("*.png"):
-        with Image.open(image) as im:
-            resample = Image.NEAREST if "mask" in image.name else Image.LANCZOS
-            im.resize((size, size), resample).save(folder / image.name)
+        small_copy(image, folder / image.name, size)
 
 
 FRONTEND_SETTINGS = {

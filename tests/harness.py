@@ -44,6 +44,15 @@ def start() -> dict:
     return _state
 
 
+def loaded(name: str):
+    """The pack's module `name` (e.g. "reuse") as ComfyUI loaded the pack: graphs run there, while
+    `harmonizing_attention` is the tests' own copy."""
+    import nodes
+
+    module = nodes.NODE_CLASS_MAPPINGS["HA_TextureAligningInversion"].__module__
+    return sys.modules[f"{module.rsplit('.', 1)[0]}.{name}"]
+
+
 # ---------------------------------------------------------------- tiny random-weight models
 
 def _init_(module, seed: int):
@@ -293,10 +302,12 @@ def tiny_sdxl_clip(seed: int = 0):
     return clip
 
 
-def tiny_flux(seed: int = 0, in_channels: int = 16, guidance_embed: bool = False, depth: int = 1, single: int = 1):
-    """A tiny Flux through comfy.supported_models (Flux, or FluxInpaint for Fill's 96 = 16 latent + 16 masked image +
-    64 packed mask channels): hidden size 64, 2 heads, `depth` double and `single` single stream blocks. The
-    config is built from FluxParams' own fields, so fields a ComfyUI version adds (txt_ids_dims) get a value."""
+def tiny_flux(seed: int = 0, in_channels: int = 16, guidance_embed: bool = False, depth: int = 1, single: int = 1,
+              schnell: bool = False):
+    """A tiny Flux through comfy.supported_models (Flux, FluxSchnell with `schnell`: its model sampling, or FluxInpaint
+    for Fill's 96 = 16 latent + 16 masked image + 64 packed mask channels): hidden size 64, 2 heads, `depth` double
+    and `single` single stream blocks. The config is built from FluxParams' own fields, so fields a ComfyUI version
+    adds (txt_ids_dims) get a value."""
     import dataclasses
 
     import comfy.ldm.flux.model
@@ -312,7 +323,8 @@ def tiny_flux(seed: int = 0, in_channels: int = 16, guidance_embed: bool = False
     for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams):
         if f.name not in config and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             config[f.name] = defaults[f.name]
-    family = comfy.supported_models.FluxInpaint if in_channels == 96 else comfy.supported_models.Flux
+    family = (comfy.supported_models.FluxInpaint if in_channels == 96 else
+              comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux)
     return _patcher(family(config), {}, seed)
 
 
@@ -357,6 +369,149 @@ def tiny_sd3(seed: int = 0, self_attention_layers=(0,)):
         pos = model.model.diffusion_model.pos_embed
         pos.copy_(torch.randn(pos.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
     return model
+
+
+def tiny_flux2(seed: int = 0, depth: int = 1, single: int = 1, guidance_embed: bool = True):
+    """A tiny Flux.2 through comfy.supported_models.Flux2 (ComfyUI's Flux2 model_base over its Flux transformer with
+    global modulation, SiLU MLPs, no biases, text positions on axis 3): 128 latent channels (Flux.2's VAE packs 2x2
+    cells of 32 channels) and patch 1, so one image token per latent cell of 16x16 pixels; hidden size 64, 2 heads."""
+    import comfy.supported_models
+
+    config = {
+        "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+        "context_in_dim": TINY_CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": depth,
+        "depth_single_blocks": single, "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1, "qkv_bias": False,
+        "guidance_embed": guidance_embed, "txt_ids_dims": [3], "global_modulation": True, "mlp_silu_act": True,
+        "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
+    }
+    return _patcher(comfy.supported_models.Flux2(config), {}, seed)
+
+
+def tiny_qwen_image(seed: int = 0, layers: int = 2):
+    """A tiny Qwen-Image through comfy.supported_models.QwenImage: `layers` joint blocks (hidden 64, 2 heads of 32),
+    2x2 patches of its 16-channel 5-D latents ([B, 16, 1, h, w], from the Wan VAE)."""
+    import comfy.supported_models
+
+    config = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+              "num_layers": layers, "attention_head_dim": 32, "num_attention_heads": 2,
+              "joint_attention_dim": TINY_CONTEXT_DIM, "axes_dims_rope": (8, 12, 12)}
+    return _patcher(comfy.supported_models.QwenImage(config), {}, seed)
+
+
+def tiny_z_image(seed: int = 0, layers: int = 2):
+    """A tiny Z-Image through comfy.supported_models.ZImage (Lumina 2's NextDiT with Z-Image's modulation, caption and
+    image padded to 32 tokens): one context and one noise refiner, `layers` joint layers; hidden 256 (Z-Image's
+    modulation takes a 256-wide time embedding, so no narrower), 8 heads of 32, 2x2 patches of 16-channel latents."""
+    import comfy.supported_models
+
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": TINY_CONTEXT_DIM,
+              "n_layers": layers, "n_refiner_layers": 1, "n_heads": 8, "n_kv_heads": 8, "qk_norm": True,
+              "axes_dims": [8, 12, 12], "axes_lens": [64, 64, 64], "rope_theta": 256.0, "ffn_dim_multiplier": 1.0,
+              "multiple_of": 16, "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
+    model = _patcher(comfy.supported_models.ZImage(config), {}, seed)
+    import torch
+
+    with torch.no_grad():  # the padding tokens: learned in the real model, ComfyUI leaves them uninitialised
+        for name in ("x_pad_token", "cap_pad_token"):
+            token = getattr(model.model.diffusion_model, name)
+            token.copy_(torch.randn(token.shape, generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+def tiny_lumina2(seed: int = 0):
+    """A tiny Lumina Image 2.0 (NextDiT without Z-Image's modulation or padding; 4 heads sharing 2 key/value heads)
+    through comfy.supported_models.Lumina2, which 0.3.64 has too: hidden 64, one refiner each, two joint layers."""
+    import comfy.supported_models
+
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": TINY_CONTEXT_DIM,
+              "n_layers": 2, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 2, "qk_norm": True,
+              "axes_dims": [4, 6, 6], "axes_lens": [64, 64, 64], "ffn_dim_multiplier": 1.0,
+              "multiple_of": 16}
+    return _patcher(comfy.supported_models.Lumina2(config), {}, seed)
+
+
+def _vae_weights(module, seed: int) -> dict:
+    """Seeded weights for a VAE's state dict: small random kernels, unit norms and variances, zero biases."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def value(key, v):
+        if not v.is_floating_point():
+            return v
+        if key.endswith("running_var") or (v.ndim <= 1 and "norm" in key and key.endswith("weight")) or "gamma" in key:
+            return torch.ones_like(v)
+        return torch.randn(v.shape, generator=gen) * 0.05 if v.ndim > 1 else torch.zeros_like(v)
+
+    return {k: value(k, v) for k, v in module.state_dict().items()}
+
+
+def tiny_flux2_vae(seed: int = 0):
+    """A small Flux.2 VAE through comfy.sd.VAE: an AutoencoderKL with 32 latent channels at 8x whose batch-norm latent
+    packs 2x2 cells, so 128-channel latents at 16x, as Flux.2's."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+
+    ddconfig = {"double_z": True, "z_channels": 32, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+                "batch_norm_latent": True}
+    model = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=32)
+    vae = comfy.sd.VAE(sd=_vae_weights(model, seed), config={"params": {"ddconfig": ddconfig, "embed_dim": 32}})
+    vae.latent_channels, vae.downscale_ratio, vae.upscale_ratio = 128, 16, 16  # what ComfyUI's detection sets
+    return vae
+
+
+def tiny_wan_vae(seed: int = 0):
+    """A small Wan 2.1 VAE (Qwen-Image's: 16 channels, 8x, 5-D latents) detected by comfy.sd.VAE from its state dict,
+    as VAELoader would: base width 8 instead of 96."""
+    import comfy.ldm.wan.vae
+    import comfy.sd
+
+    model = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                     temperal_downsample=[False, True, True], dropout=0.0)
+    return comfy.sd.VAE(sd=_vae_weights(model, seed))
+
+
+def _wan_vae_any_width() -> bool:
+    """Whether ComfyUI reads a Wan 2.1 VAE's width from its weights (0.3.64 builds the full-width one, seconds per
+    64 px image on a CPU, whatever the file holds)."""
+    import inspect
+
+    import comfy.sd
+
+    return "decoder.head.0.gamma" in inspect.getsource(comfy.sd.VAE.__init__)
+
+
+# the newer DiT families: name -> (model builder, VAE builder, the comfy.supported_models class they need, whether this
+# ComfyUI can build the tiny VAE)
+TINY_FAMILIES = {
+    "tiny-flux2": (lambda: tiny_flux2(seed=21, depth=1, single=1), lambda: tiny_flux2_vae(seed=8), "Flux2", None),
+    "tiny-qwen-image": (lambda: tiny_qwen_image(seed=22), lambda: tiny_wan_vae(seed=9), "QwenImage",
+                        _wan_vae_any_width),
+    "tiny-z-image": (lambda: tiny_z_image(seed=23), lambda: tiny_vae(seed=7, z_channels=16), "ZImage", None),
+}
+
+
+def family_missing(name: str, vae: bool = False) -> str | None:
+    """Why this ComfyUI cannot build TINY_FAMILIES[name] (its model class is newer), or with `vae` its tiny VAE; None
+    when it can."""
+    import comfy.supported_models
+    import comfyui_version
+
+    _, _, needs, vae_available = TINY_FAMILIES[name]
+    if not hasattr(comfy.supported_models, needs):
+        return f"ComfyUI {comfyui_version.__version__} has no {needs} model (comfy.supported_models.{needs})"
+    if vae and vae_available is not None and not vae_available():
+        return (f"ComfyUI {comfyui_version.__version__} builds this family's VAE only at its full size (a Wan 2.1 VAE "
+                "of width 96, seconds per 64 px image on a CPU): no tiny one to run the pipeline with")
+    return None
+
+
+def tiny_family(name: str, clip=None):
+    """(MODEL, CLIP, VAE) of TINY_FAMILIES[name]: the CLIP is the tiny CLIP-L (its width is every tiny model's context),
+    the VAE None where this ComfyUI cannot build a tiny one (family_missing(name, vae=True))."""
+    build, vae, _, _ = TINY_FAMILIES[name]
+    return build(), clip or tiny_clip(), None if family_missing(name, vae=True) else vae()
 
 
 def tiny_pixart(seed: int = 0):

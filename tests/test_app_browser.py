@@ -1,13 +1,15 @@
 """The shipped workflows in the real ComfyUI frontend (comfyui-frontend-package), in headless Chromium.
 
-A user's path: drop the workflow file on the page, check nothing is missing, press Run, see the image.
-Needs Debian's Chromium (`apt-get install chromium`) and Playwright (`pip install playwright`, no browser
-download: the system Chromium is used); skipped with the reason when either is absent.
+A user's path: find the pack's templates in the template browser (titles, thumbnails), open one (laid out for
+reading: no overlapping nodes, titles drawn at the zoom the app picks, the read-me note, the download the app offers
+for a missing checkpoint), find the nodes by searching what the job is called, check nothing is missing, press Run,
+see the image. Needs Debian's Chromium (`apt-get install chromium`) and Playwright (`pip install playwright`, no
+browser download: the system Chromium is used); skipped with the reason when either is absent.
 
-Works with the frontend each supported ComfyUI pins (comfyui-frontend-package 1.27.10 for 0.3.64, 1.49.6
-for the latest). The README's screenshot of the geometry workflow is rewritten only on request:
-HA_UPDATE_SCREENSHOTS=1 bash scripts/test.sh tests/test_app_browser.py -k "geometry_transfer and not sdxl".
-Otherwise it goes to a temporary folder, so the suite leaves the working tree as it was.
+Works with the frontend each supported ComfyUI pins (comfyui-frontend-package 1.27.10 for 0.3.64, 1.49.6 for
+the latest). The README's screenshots (docs/templates_dialog.png, docs/geometry_transfer_workflow.png) are rewritten
+only on request: HA_UPDATE_SCREENSHOTS=1 bash scripts/test.sh tests/test_app_browser.py -k template.
+Otherwise they go to a temporary folder, so the suite leaves the working tree as it was.
 """
 import json
 import os
@@ -18,17 +20,20 @@ from pathlib import Path
 import comfy_server
 import pytest
 from comfy_server import error_of
+from workflow_format import MODELS, api_twin, template, ui_path
 
 pytestmark = [pytest.mark.app, pytest.mark.browser]
 
 WORKFLOWS = comfy_server.PACK_ROOT / "workflows"
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
-SCREENSHOT = comfy_server.PACK_ROOT / "docs" / "geometry_transfer_workflow.png"
+TEMPLATES = [template(p.stem).title for p in sorted(WORKFLOWS.glob("api/*.json"))]  # what the template browser lists
+DOCS = comfy_server.PACK_ROOT / "docs"
 UPDATE_SCREENSHOTS = os.environ.get("HA_UPDATE_SCREENSHOTS") == "1"
 CHROMIUM = os.environ.get("HA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
 VIEWPORT = {"width": 2200, "height": 1100}
+FULL_HD = {"width": 1920, "height": 1080}  # a user's window: the templates must read at the zoom the app picks there
 
 DROP = """(args) => {
     const [name, text] = args;
@@ -45,19 +50,35 @@ NODE_STATE = """() => window.app.graph.nodes.map(n => ({
     widgets: (n.widgets || []).map(w => w.name),
 }))"""
 
-# the graph's bounds, then a zoom at which it fills the viewport (the app's fit-view leaves wide margins)
-FRAME = """() => {
-    const nodes = window.app.graph.nodes;
-    const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - 40));
-    const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
-    const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-    const canvas = window.app.canvas, el = canvas.canvas;
-    const scale = Math.min((el.clientWidth - 40) / (x1 - x0), (el.clientHeight - 120) / (y1 - y0), 1);
-    canvas.ds.scale = scale;
-    canvas.ds.offset = [20 / scale - x0, 60 / scale - y0];
-    canvas.setDirty(true, true);
-    return scale;
+# what the user sees of the loaded graph: each node's rectangle with its title bar, the width its title needs, its text
+# and model files; the zoom, and the text-rendering threshold at the frontend's default setting
+LAYOUT = """() => {
+    const canvas = window.app.canvas, ctx = canvas.ctx, th = LiteGraph.NODE_TITLE_HEIGHT;
+    const nodes = window.app.graph.nodes.map(n => {
+        ctx.font = n.titleFontStyle;
+        return {id: n.id, type: n.type, title: n.title, rect: [n.pos[0], n.pos[1] - th, n.size[0], n.size[1] + th],
+                titleWidth: ctx.measureText(n.title).width, text: n.widgets?.[0]?.value ?? null,
+                models: n.properties?.models ?? null};
+    });
+    const lod = window.app.extensionManager.setting.settings['LiteGraph.Canvas.MinFontSizeForLOD'].defaultValue;
+    const current = canvas.min_font_size_for_lod;
+    canvas.min_font_size_for_lod = lod;  // the frontend's own test, at its default setting (the tests run with 1)
+    const lowQuality = canvas.low_quality;
+    canvas.min_font_size_for_lod = current;
+    return {nodes, scale: canvas.ds.scale, lowQuality, titleHeight: th,
+            threshold: lod / (LiteGraph.NODE_TEXT_SIZE * Math.sqrt(window.devicePixelRatio || 1))};
 }"""
+
+
+def overlaps(nodes: list[dict]) -> list[tuple[str, str]]:
+    """Pairs of node rectangles (title bars included) that intersect."""
+    out = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["rect"], b["rect"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                out.append((a["title"], b["title"]))
+    return out
 
 
 def _missing() -> str | None:
@@ -80,13 +101,27 @@ def browser_page(app_server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=VIEWPORT)
-        page.errors = []  # uncaught exceptions in the page, from now on
-        page.on("pageerror", lambda err: page.errors.append(str(err)))
-        page.goto(app_server.url)
-        page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady", timeout=120_000)
-        time.sleep(1.0)  # the app's start-up requests settle (a fresh user directory answers some with 404)
+        open_app(page, app_server)
         yield page
         browser.close()
+
+
+def open_app(page, app_server) -> None:
+    """Load the app in `page`, recording from then on its uncaught exceptions (page.errors) and the pack's requests
+    the server refused (page.refused)."""
+    page.errors = []  # uncaught exceptions in the page, from now on
+    page.on("pageerror", lambda err: page.errors.append(str(err)))
+    page.refused = []
+    page.on("response", lambda r: page.refused.append(f"{r.status} {r.url}")
+            if r.status >= 400 and comfy_server.PACK_NAME in r.url else None)
+    page.goto(app_server.url)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady", timeout=120_000)
+    time.sleep(1.0)  # the app's start-up requests settle (a fresh user directory answers some with 404)
+
+
+def ui_workflow(stem: str) -> Path:
+    """The UI twin of workflows/api/<stem>.json (named by its template title)."""
+    return ui_path(WORKFLOWS / "api" / f"{stem}.json")
 
 
 def drop_workflow(page, path: Path, name: str | None = None) -> list[dict]:
@@ -161,8 +196,6 @@ def fast_widgets(workflow: dict) -> dict:
                       if k in node["inputs"]}
             if change:
                 out[node_id] = change
-        if node["class_type"] == "ImageScale":  # the SDXL workflow scales to 1024 px
-            out[node_id] = {"width": 128, "height": 128}
     return out
 
 
@@ -186,9 +219,14 @@ def run_from_ui(page, app_server, save_node: int, timeout: float = 180.0) -> Pat
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
-def test_shipped_workflow_loads_and_runs_from_the_ui(browser_page, app_server, path, tmp_path):
+def test_shipped_workflow_loads_and_runs_from_the_ui(browser_page, app_server, path):
     """Dropped as a file: every node known, no error marks or dialogs, every widget value where the file put
     it, the app's own API conversion equal to the shipped workflows/api/ twin; then Run shows the output image."""
+    twin = api_twin(path)
+    api = json.loads(twin.read_text()) if twin else None
+    missing = api and comfy_server.missing_family(api, vae=False)
+    if missing:  # a family this ComfyUI does not have: its loaders' options (CLIPLoader's type) are not there either
+        pytest.skip(f"{path.name}: {missing}")
     page = browser_page
     ui = json.loads(path.read_text())
     state = drop_workflow(page, path)
@@ -199,21 +237,14 @@ def test_shipped_workflow_loads_and_runs_from_the_ui(browser_page, app_server, p
     loaded = {n["id"]: n.get("widgets_values") or [] for n in serialized["nodes"]}  # 1.49.6: none without widgets
     for node in ui["nodes"]:
         assert loaded[node["id"]] == node["widgets_values"], f"node {node['id']} ({node['type']}): widget values moved"
-    twin = path.parent / "api" / path.name
-    api = json.loads(twin.read_text()) if twin.exists() else None
     if api is not None:
         assert api_prompt(page) == api, "the app converts the UI workflow differently from its API twin"
     assert page.errors == [], page.errors
 
-    if path.stem == "geometry_transfer":
-        shot = SCREENSHOT if UPDATE_SCREENSHOTS else tmp_path / SCREENSHOT.name
-        page.evaluate(FRAME)
-        time.sleep(0.5)
-        page.screenshot(path=str(shot))
-        assert shot.stat().st_size > 10_000
-
     if api is None:
         return
+    if comfy_server.missing_family(api):
+        pytest.skip(f"{path.name} loaded as shipped; not run: {comfy_server.missing_family(api)}")
     if not comfy_server.runnable(app_server.base, api):
         # an SDXL / SD3 / Flux workflow, checked above as shipped; no checkpoint of those small enough to write
         # exists, so the user's next step is taken with the test pack's tiny model: swap the loaders in the UI
@@ -233,17 +264,19 @@ def test_shipped_workflow_loads_and_runs_from_the_ui(browser_page, app_server, p
     from PIL import Image
 
     with Image.open(image) as im:
-        assert im.size == ((128, 128) if "ImageScale" in json.dumps(api) else (64, 64))
+        assert im.size == (64, 64)  # the target's own size (a working region resamples inside the graph only)
     assert page.errors == [], page.errors
+    time.sleep(0.5)  # the previews' images arrive and size their nodes
+    assert overlaps(page.evaluate(LAYOUT)["nodes"]) == [], "a node showing its image covers another"
 
 
 def test_bypassing_color_shift_in_the_ui_removes_its_effect(browser_page, app_server):
     """Mode 4 (bypass) on HA_ColorShift: the app wires the scene straight through, and the image equals the
     same graph run with ColorShift's mode 'none' (no colour change) through the API."""
     page = browser_page
-    path = WORKFLOWS / "geometry_transfer.json"
+    path = ui_workflow("geometry_transfer")
     drop_workflow(page, path, name="geometry_transfer_bypass.json")
-    api = json.loads((path.parent / "api" / "geometry_transfer.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / "geometry_transfer.json").read_text())
     color = next(k for k, n in api.items() if n["class_type"] == "HA_ColorShift")
     inversion = next(k for k, n in api.items() if n["class_type"] == "HA_TextureAligningInversion")
     save = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
@@ -276,3 +309,160 @@ def test_bypassing_color_shift_in_the_ui_removes_its_effect(browser_page, app_se
     item = entry["outputs"][save]["images"][0]
     with Image.open(image) as a, Image.open(app_server.base / "output" / item["subfolder"] / item["filename"]) as c:
         assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+# ---------------------------------------------------------------- templates, layout, search
+
+OPEN_TEMPLATES = "() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')"
+PACK_TITLE = "Harmonizing Attn."  # the template browser's name for the pack (locales/en/main.json)
+CARD = '[data-testid="template-workflow-{}"]'
+# a link the frontend clicks to download (an <a download> in the browser): record its address instead of leaving
+CATCH_DOWNLOADS = """() => { window.__haOpened = [];
+    HTMLAnchorElement.prototype.click = function () { window.__haOpened.push(this.href); }; }"""
+
+
+# what a template card's click does (useTemplateWorkflows().loadWorkflowTemplate in both frontends), without drawing the
+# browser's hundreds of cards first (10-25 s on a loaded CPU): the pack's template route, then loadGraphData under the
+# template's name (1.49 fits the view for a template whatever the file says)
+LOAD_TEMPLATE = """async ([pack, title, name]) => {
+    const response = await fetch(`api/workflow_templates/${pack}/${encodeURIComponent(title)}.json`);
+    await window.app.loadGraphData(await response.json(), true, true, name, {openSource: 'template'});
+}"""
+
+
+def open_template(page, title: str) -> None:
+    """Load a template as its card in the template browser does; waits for the graph, fitted to the window. (The
+    tab gets a name of its own: a name already open would only re-activate that tab.)"""
+    name = f"{title} - template"
+    page.evaluate(LOAD_TEMPLATE, [comfy_server.PACK_NAME, title, name])
+    page.wait_for_function("(t) => window.app.extensionManager.workflow.activeWorkflow?.filename === t",
+                           arg=name, timeout=30_000)
+    time.sleep(1.0)  # the app fits the view on the next frame, the images load into their nodes
+
+
+def full_size_examples(page, app_server) -> None:
+    """The README's picture shows the example images at their size (the test server's inputs are 64 px copies)."""
+    for image in (comfy_server.PACK_ROOT / "example_images").glob("*.png"):
+        shutil.copy(image, app_server.base / "input" / f"readme_{image.name}")
+    page.evaluate("""() => { for (const node of window.app.graph.nodes) {
+        const w = node.widgets?.find(w => w.name === 'image');
+        if (w && !String(w.value).startsWith('readme_')) { w.value = 'readme_' + w.value; w.callback?.(w.value); } } }""")
+    time.sleep(2.0)  # the nodes and the placement view load them
+
+
+def screenshot(page, name: str, tmp_path: Path) -> Path:
+    shot = DOCS / name if UPDATE_SCREENSHOTS else tmp_path / name
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 20_000
+    return shot
+
+
+def test_template_browser_lists_the_templates_and_offers_the_missing_checkpoint(browser_page, app_server, tmp_path):
+    """In a fresh tab, on a server without the SD1.5 inpainting checkpoint: the template browser lists the pack under
+    its name with every shipped workflow's title and thumbnail (no refused request, no page error); opening the
+    SD1.5 template, the app says the checkpoint is missing and offers its download from the address the loader
+    carries."""
+    ckpt = app_server.base / "models" / "checkpoints" / "sd-v1-5-inpainting.safetensors"
+    hidden = ckpt.with_name("hidden-for-the-missing-model-test")
+    page = browser_page.context.browser.new_page(viewport=FULL_HD)
+    ckpt.rename(hidden)
+    try:
+        open_app(page, app_server)
+        page.errors.clear()
+        page.evaluate(OPEN_TEMPLATES)
+        page.get_by_text(PACK_TITLE, exact=True).first.click()
+        for title in TEMPLATES:
+            card = page.locator(CARD.format(title))
+            card.wait_for(timeout=30_000)
+            assert title in card.inner_text()
+        page.wait_for_function("""(titles) => titles.every(t => {
+            const img = document.querySelector(`[data-testid="template-workflow-${t}"] img`);
+            return img && img.complete && img.naturalWidth > 0 && !img.src.includes('default-template'); })""",
+                               arg=TEMPLATES, timeout=30_000)
+        screenshot(page, "templates_dialog.png", tmp_path)
+        assert page.refused == [] and page.errors == [], (page.refused, page.errors)
+
+        page.evaluate(CATCH_DOWNLOADS)
+        page.locator(CARD.format(template("geometry_transfer").title)).click()
+        url = MODELS[ckpt.name].url
+        details = page.get_by_role("button", name="View details")  # 1.49: a toast, then the errors panel
+        missing = page.locator(".comfy-missing-models")  # 1.27: the missing-models dialog
+        details.or_(missing).first.wait_for(timeout=30_000)
+        if details.count():
+            details.first.click()
+            download = page.get_by_test_id("missing-model-download")
+            assert ckpt.name in page.get_by_test_id("error-group-missing-model").inner_text()
+        else:
+            assert f"checkpoints / {ckpt.name}" in missing.inner_text()
+            download = missing.get_by_role("button", name="Download")
+            assert download.get_attribute("title") == url
+        assert download.is_enabled()
+        download.click()
+        page.wait_for_function("() => window.__haOpened.length > 0", timeout=10_000)
+        opened = page.evaluate("() => window.__haOpened")
+        # 1.27 opens the file's repository page instead when it cannot read the file's size (this test is offline)
+        assert opened in ([url], [url.split("/resolve/")[0]]), opened
+        assert page.refused == [] and page.errors == [], (page.refused, page.errors)
+    finally:
+        hidden.rename(ckpt)
+        page.close()
+
+
+@pytest.mark.parametrize("title", TEMPLATES)
+def test_template_opens_laid_out_for_reading(browser_page, app_server, title, tmp_path):
+    """Opened as from the template browser, in a full-HD window: no two nodes overlap, every title fits its node, the
+    zoom the app fits the graph to draws the titles (it is above the frontend's text threshold at its default
+    setting), the read-me note names every model file, and every loader carries its file's download address."""
+    page = browser_page
+    page.set_viewport_size(FULL_HD)
+    try:
+        page.errors.clear()
+        open_template(page, title)
+        layout = page.evaluate(LAYOUT)
+        nodes = layout["nodes"]
+        print(f"\n{title}: fitted at zoom {layout['scale']:.3f}, titles drawn from {layout['threshold']:.3f}")
+        assert overlaps(nodes) == []
+        assert [n["title"] for n in nodes if n["titleWidth"] > n["rect"][2] - 2 * layout["titleHeight"]] == []
+        assert layout["scale"] >= layout["threshold"] and not layout["lowQuality"], layout["scale"]
+        notes = [n for n in nodes if n["type"] == "MarkdownNote"]
+        assert len(notes) == 1
+        for node in nodes:
+            for model in node["models"] or []:
+                assert model == {"name": model["name"], "url": MODELS[model["name"]].url,
+                                 "directory": MODELS[model["name"]].folder}
+                assert model["name"] in notes[0]["text"] and model["url"] in notes[0]["text"]
+        loaders = [n for n in nodes if n["type"] in ("CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader",
+                                                     "VAELoader")]
+        assert loaders and all(n["models"] for n in loaders)
+        if title == template("geometry_transfer").title:
+            if UPDATE_SCREENSHOTS:
+                full_size_examples(page, app_server)
+            screenshot(page, "geometry_transfer_workflow.png", tmp_path)
+        assert page.errors == [] and page.refused == [], (page.errors, page.refused)
+    finally:
+        page.set_viewport_size(VIEWPORT)
+
+
+def test_node_search_finds_the_pack_by_the_job(browser_page, app_server):
+    """Searching what users call the job lists the pack's nodes: "crack" and "defect" every crack/defect-transfer node
+    (both frontends: the words lead the display names); "harmonizing" all nine where ComfyUI has search aliases."""
+    page = browser_page
+    info = app_server.get("/object_info")
+    pack = {k: v for k, v in info.items() if k.startswith("HA_")}
+    defect = {v["display_name"] for v in pack.values() if v["category"].endswith("Crack & defect transfer")}
+    assert len(defect) == 7
+    queries = {"crack": defect, "defect": defect}
+    if any(v.get("search_aliases") for v in pack.values()):
+        queries["harmonizing"] = {v["display_name"] for v in pack.values()}
+    for query, expected in queries.items():
+        page.evaluate("() => window.app.extensionManager.command.execute('Workspace.SearchBox.Toggle')")
+        page.keyboard.type(query, delay=20)
+        results = page.locator("[data-testid=result-item], .p-autocomplete-option")
+        page.wait_for_function("(n) => document.querySelectorAll('[data-testid=result-item], .p-autocomplete-option')"
+                               ".length >= n", arg=len(expected), timeout=10_000)
+        time.sleep(0.3)
+        shown = results.all_inner_texts()[:len(expected) + 2]
+        page.keyboard.press("Escape")
+        found = {name for name in expected if any(text.startswith(name) for text in shown)}
+        assert found == expected, (query, shown)
+    assert page.errors == [], page.errors

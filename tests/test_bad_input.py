@@ -68,6 +68,8 @@ def bad_nodes(tiny):
             elif kind == "corner":
                 m = torch.zeros(batch, size, size)
                 m[:, :4, :4] = 1.0
+            elif kind == "empty":  # Load Image's MASK of an image without alpha: an empty 64x64 mask
+                m = torch.zeros(batch, 64, 64)
             elif kind == "pixel":
                 m = torch.zeros(batch, size, size)
                 m[:, 20, 20] = 1.0
@@ -116,6 +118,8 @@ CASES = [
     ("source_rgba", lambda p: image(p, "3", "rgba"), "ok"),
     ("mask_wrong_size", lambda p: mask(p, "box", size=32),
      ["source_mask is 32x32", "source is 64x64", "resize the mask"]),
+    ("mask_of_a_photo_without_alpha", both(lambda p: mask(p, "empty"), lambda p: image(p, "3", "noise", size=96)),
+     ["source_mask is an empty 64x64 mask but source is 96x96", "no painted mask", "Open in MaskEditor"]),
     ("mask_batch_3_source_batch_2", both(lambda p: mask(p, "box", batch=3), lambda p: image(p, "3", "noise", batch=2)),
      ["source_mask has a batch of 3 but source has 2", "the same count"]),
     ("source_batch_2_target_batch_3", both(lambda p: image(p, "3", "noise", batch=2),
@@ -128,8 +132,7 @@ CASES = [
     ("corner_rotated_half_off", both(lambda p: mask(p, "corner"), widget("6", rotation=45.0, shift_x=-2.0)), "ok"),
     ("one_pixel_mask_scaled_down", both(lambda p: mask(p, "pixel"), widget("6", scale=0.05)), "ok"),
     ("scaled_over_the_whole_canvas", widget("6", scale=8.0), ["geometry mask covers the whole 64x64", "unmasked"]),
-    ("source_and_target_sizes_differ", both(lambda p: image(p, "5", "noise", size=96)),
-     ["source is 64x64 (WxH) but target is 96x96", "ImageScale"]),
+    ("source_and_target_sizes_differ", both(lambda p: image(p, "5", "noise", size=96)), "ok"),
     ("image_too_small", both(lambda p: image(p, "3", "noise", size=8), lambda p: image(p, "5", "noise", size=8),
                              lambda p: mask(p, "full", size=8)), ["8x8"]),
     # --- widget values through the API, refused at validation by ComfyUI's own checks
@@ -187,3 +190,71 @@ def test_bad_input(bad_nodes, tiny, change, expected, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     new = {p for root in roots.values() for p in root.rglob("*")} - before
     assert all(roots["output"] in p.parents or roots["temp"] in p.parents for p in new), new
+
+
+# ---------------------------------------------------------------- NaN and infinite numbers, before anything runs
+
+def _float_widgets(class_type: str) -> dict:
+    import nodes
+
+    types = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
+    return {name: spec[1] for group in ("required", "optional") for name, spec in types.get(group, {}).items()
+            if spec[0] == "FLOAT"}
+
+
+@pytest.fixture
+def progress_events():
+    """Every ComfyUI ProgressBar update (node work: the inversion's and the samplers' steps) while the test runs."""
+    import comfy.utils
+
+    events = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: events.append((value, total)))
+    yield events
+    comfy.utils.set_progress_bar_global_hook(None)
+
+
+def test_nan_balance_weight_on_the_sampler_is_refused_before_the_inversion(tiny, progress_events):
+    prompt = graph(steps=2, renoise_iterations=1)
+    prompt["10"]["inputs"].update(balance="manual", balance_weight=float("nan"))
+    with pytest.raises(harness.PromptError) as err:
+        harness.run_prompt(prompt)
+    [error, *_] = err.value.details["node_errors"]["10"]["errors"]
+    assert "(HA_GeometryPreservingSampler): balance_weight is NaN (not a number): set it to a number from 0.01 to " \
+           "100 (default 1)" in error["details"]
+    assert progress_events == []  # refused at validation: the inversion never ran
+    prompt["10"]["inputs"]["balance_weight"] = 2.0  # the control: a number runs, and its steps are seen
+    harness.run_prompt(prompt)
+    assert (2, 2) in progress_events
+
+
+def test_every_float_widget_of_every_node_refuses_nan_and_infinity(tiny, progress_events):
+    """Each FLOAT widget of each pack node in the shipped workflows, set to NaN, +inf and -inf through the API (and
+    "nan" as a string, as `--set X=nan` sends it): refused by ComfyUI's validation, naming the node, the input, the
+    value and the fix, only that node reported, nothing run. Every pack node with a FLOAT widget is covered."""
+    import nodes
+    from test_pipeline import shipped
+
+    covered = set()
+    for name, ckpt in (("geometry_transfer", "tiny-inpaint"), ("multi_geometry_transfer", "tiny-inpaint"),
+                       ("appearance_transfer", "tiny")):
+        prompt = shipped(f"api/{name}.json", ckpt=ckpt)
+        for node_id, node in prompt.items():
+            if not node["class_type"].startswith("HA_"):
+                continue
+            display = nodes.NODE_DISPLAY_NAME_MAPPINGS.get(node["class_type"], node["class_type"])
+            for widget in _float_widgets(node["class_type"]):
+                for value, shown in ((float("nan"), "is NaN"), (float("inf"), "is inf"), (float("-inf"), "is -inf"),
+                                     ("nan", "is NaN")):
+                    bad = json.loads(json.dumps(prompt))
+                    bad[node_id]["inputs"][widget] = value
+                    with pytest.raises(harness.PromptError) as err:
+                        harness.run_prompt(bad)
+                    refused = err.value.details["node_errors"]
+                    assert list(refused) == [node_id], (name, node_id, widget, refused)
+                    message = refused[node_id]["errors"][0]["details"]
+                    assert f"{display} ({node['class_type']}): {widget} {shown}" in message, message
+                    assert "set it to a number from" in message, message
+                covered.add(node["class_type"])
+    assert progress_events == []
+    with_floats = {k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("HA_") and _float_widgets(k)}
+    assert covered == with_floats

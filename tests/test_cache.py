@@ -60,13 +60,8 @@ def fresh(model, vae, rows, s, **settings):
 
 
 def loaded_reuse():
-    """nodes/reuse.py as ComfyUI loaded the pack (graphs run there; `harmonizing_attention` is the tests' copy)."""
-    import sys
-
-    import nodes
-
-    module = nodes.NODE_CLASS_MAPPINGS["HA_TextureAligningInversion"].__module__
-    return sys.modules[module.rsplit(".", 1)[0] + ".reuse"]
+    """nodes/reuse.py as ComfyUI loaded the pack."""
+    return harness.loaded("reuse")
 
 
 def lora_like(model):

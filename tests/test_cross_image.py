@@ -239,7 +239,7 @@ def test_guider_alpha_identities(tiny):
         sched = paper_schedule(steps=steps, alpha=alpha)
         rules = CrossImageRules(LAYOUT, sched)
         m = apply_plan(model, RowPlan(LAYOUT.rows, rules, needs_step=True, contrast=1.67))
-        return m, CrossImageGuider(m, rules)
+        return m, lambda patched: CrossImageGuider(patched, rules)
 
     unpatched = _predictions(model, latents, sigmas, positive)
     cross_model, _ = patched(1.0)

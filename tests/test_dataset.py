@@ -130,24 +130,68 @@ def test_ray_with_two_workers_writes_the_same_files(embedded_run, manifest, ckpt
     assert [name for name in embedded if embedded[name] != ray[name]] == []
 
 
-def test_corrupt_items_are_reported_and_the_others_finish(tmp_path, ckpt, single_thread):
+def _bad_files(folder):
+    """A truncated PNG (its last 40 % cut: ComfyUI's LoadImage would load it with black rows), a PNG with garbage
+    after its signature (LoadImage's retry fails with "'ascii' codec can't decode byte 0xd2"), a region of the wrong
+    size."""
+    evaluate.save_image(harness.make_image("noise:5", SIZE, SIZE), folder / "truncated.png")
+    whole = (folder / "truncated.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) * 3 // 5])
+    evaluate.save_image(harness.make_image("noise:6", SIZE, SIZE), folder / "garbage.png")
+    whole = (folder / "garbage.png").read_bytes()
+    (folder / "garbage.png").write_bytes(whole[:8] + b"\xd2" * 16 + whole[24:])
+    evaluate.save_image(torch.ones(1, SIZE // 2, SIZE // 2, 3), folder / "small_region.png")
+
+
+def test_corrupt_items_are_reported_and_the_others_finish(tmp_path, ckpt, single_thread, monkeypatch):
+    """Every bad file is found before any model work and reported with its manifest line and file; nothing is
+    written for its item, the others run, and a re-run tries the bad items again (here after the files are fixed)."""
     _images(tmp_path)
+    _bad_files(tmp_path)
     (tmp_path / "m.csv").write_text(
-        "id,source,source_mask,target,shift_x\n"
-        "ok,src.png,src_mask.png,checker.png,2..5\n"
-        "missing,src.png,src_mask.png,no_such_target.png,0\n"
-        "empty,src.png,empty_mask.png,checker.png,0\n")
+        "id,source,source_mask,target,target_region,shift_x\n"
+        "ok,src.png,src_mask.png,checker.png,,2..5\n"
+        "missing,src.png,src_mask.png,no_such_target.png,,0\n"
+        "empty,src.png,empty_mask.png,checker.png,,0\n"
+        "truncated,src.png,src_mask.png,truncated.png,,0\n"
+        "garbage,garbage.png,src_mask.png,checker.png,,0\n"
+        "region,src.png,src_mask.png,checker.png,small_region.png,\n")
+    ran = []
+    run_prompt = dataset.comfy_runtime.run_prompt
+    monkeypatch.setattr(dataset.comfy_runtime, "run_prompt", lambda prompt, *a, **k: ran.append(prompt) or
+                        run_prompt(prompt, *a, **k))
     out = tmp_path / "out"
     summary = dataset.run(tmp_path / "m.csv", out, ckpt=str(ckpt), overrides=FAST, cpu=True, threads=1,
                           progress=False, log=lambda *_: None)
-    assert summary["done"] == 1
+    assert summary["done"] == 1 and len(ran) == 1  # the workflow ran for "ok" alone
     errors = {f["id"]: f["error"] for f in summary["failed"]}
-    assert set(errors) == {"missing_000", "empty_000"}
-    assert "no_such_target.png not found" in errors["missing_000"]
-    assert "empty_mask.png is empty" in errors["empty_000"]
+    assert set(errors) == {"missing_000", "empty_000", "truncated_000", "garbage_000", "region_000"}
+    expected = {
+        "missing_000": (3, "no_such_target.png not found"),
+        "empty_000": (4, "empty_mask.png is empty"),
+        "truncated_000": (5, f"target {tmp_path / 'truncated.png'} is truncated"),
+        "garbage_000": (6, f"source {tmp_path / 'garbage.png'} cannot be decoded as an image"),
+        "region_000": (7, f"target_region {tmp_path / 'small_region.png'} is 32x32 but target "
+                          f"{tmp_path / 'checker.png'} is 64x64"),
+    }
+    for item, (line, text) in expected.items():
+        assert errors[item].startswith(f"m.csv line {line}: ") and text in errors[item], errors[item]
     logged = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
-    assert {f["id"] for f in logged} == set(errors)
+    assert {f["id"]: f["line"] for f in logged} == {item: line for item, (line, _) in expected.items()}
+    written = {p.name for p in out.rglob("*") if p.is_file()}
+    assert not any(name.startswith(tuple(errors)) for name in written)  # nothing of a bad item
     assert json.loads((out / "coco.json").read_text())["images"][0]["item"] == "ok_000"
+
+    evaluate.save_image(harness.make_image("noise:5", SIZE, SIZE), tmp_path / "truncated.png")  # the files fixed
+    evaluate.save_image(harness.make_image("noise:6", SIZE, SIZE), tmp_path / "garbage.png")
+    (tmp_path / "region.png").replace(tmp_path / "small_region.png")
+    ran.clear()
+    summary = dataset.run(tmp_path / "m.csv", out, ckpt=str(ckpt), overrides=FAST, cpu=True, threads=1,
+                          progress=False, log=lambda *_: None)
+    assert summary["skipped"] == 1 and summary["done"] == 3 and len(ran) == 3  # the fixed three retried
+    assert {f["id"] for f in summary["failed"]} == {"missing_000", "empty_000"}
+    assert {i["item"] for i in json.loads((out / "coco.json").read_text())["images"]} == \
+        {"ok_000", "truncated_000", "garbage_000", "region_000"}
 
 
 def test_rle_matches_pycocotools():

@@ -61,15 +61,17 @@ def _run(model, x, kwargs, sigma=0.6, **options):
         return model.model.apply_model(x, torch.full((x.shape[0],), sigma), transformer_options=to, **kwargs)
 
 
-def _recorder(patched, calls):
-    """Wrap the installed override (the pack's) to record each call's q, k, v, heads, layout and output."""
+def _recorder(patched, calls, where=None):
+    """Wrap the installed override (the pack's) to record each call's block, q, k, v, heads, layout and output; the
+    block: where(transformer_options), by default the DitBlock the pack's block replace put there (None outside)."""
     from harmonizing_attention.nodes.patch import BLOCK_KEY
 
     ours = patched.model_options["transformer_options"]["optimized_attention_override"]
+    where = where or (lambda options: options.get(BLOCK_KEY))
 
     def record(func, *args, **kwargs):
         out = ours(func, *args, **kwargs)
-        block = kwargs["transformer_options"].get(BLOCK_KEY)
+        block = where(kwargs["transformer_options"])
         heads = args[3] if len(args) > 3 else kwargs["heads"]
         calls.append((block, args[:3], heads, kwargs.get("skip_reshape", False), out))
         return out
@@ -117,59 +119,80 @@ def test_joint_attention_equals_naive_reference_at_every_block_kind(dits, name, 
     """Three rows per chunk, cond and uncond batched ([1, 0]): row 0 plain, row 1 [own; row 0's image tokens in its
     region] (eq. 5), row 2 [its own text; row 0 whole]. Every attention call matches the naive reference; the text
     and image split comes from the model (context length, patchified latent grid)."""
+    n = (LATENT[0] // 2) * (LATENT[1] // 2)
+
+    def span(block, tokens):
+        assert block is not None  # every call is in a patched block
+        return (0, n) if tokens == n else (TXT, TXT + n)
+
+    seen = assert_rule_equals_naive(dits[name][0], lambda rows: _inputs(name, rows), (LATENT[0] // 2, LATENT[1] // 2),
+                                    span)
+    assert {(block.kind, tokens) for block, tokens in seen} == kinds
+
+
+def assert_rule_equals_naive(model, inputs, grid: tuple[int, int], span, where=None) -> set:
+    """Run the three rows of test_joint_attention_equals_naive_reference_at_every_block_kind, cond and uncond batched,
+    through the patched model; every attention call must equal the naive reference: under the rules where
+    span(block, tokens) gives the call's image span, plain attention where it gives None. inputs(rows) -> (x, kwargs);
+    grid: the image tokens' (h, w); block: where(transformer_options) (_recorder). Returns {(block, tokens)} seen."""
     from harmonizing_attention.nodes.patch import apply_plan
 
-    model = dits[name][0]
-    h, w = LATENT[0] // 2, LATENT[1] // 2
+    h, w = grid
     mask = torch.zeros(3, 40, 50)
     mask[0, 8:24, 10:30] = 1.0
     rules = [None, (Ref(1), Ref(0, region_only=True)), (Ref(0),)]
     patched = apply_plan(model, RowPlan(3, lambda layer: rules, regions=mask))
     calls = []
-    x, kwargs = _inputs(name, 3)
-    x, kwargs = torch.cat([x, x.flip(0)]), {k: torch.cat([v, v.flip(0)]) for k, v in kwargs.items()}
-    _run(_recorder(patched, calls), x, kwargs, cond_or_uncond=[1, 0])
+    x, kwargs = inputs(3)
+    x = torch.cat([x, x.flip(0)])
+    kwargs = {k: torch.cat([v, v.flip(0)]) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    _run(_recorder(patched, calls, where), x, kwargs, cond_or_uncond=[1, 0])
     regions = {r: region_tokens(mask[r % 3: r % 3 + 1], h, w)[0] for r in range(6)}
     assert regions[0].sum() not in (0, h * w)
+    shifted = [None if r is None else tuple(Ref(ref.row + c * 3, ref.region_only) for ref in r)
+               for c in range(2) for r in rules]
     seen = set()
     for block, (q, k, v), heads, skip, out in calls:
-        assert block is not None
         q, k, v = (_heads_layout(t, heads, skip) for t in (q, k, v))
         tokens = q.shape[1]
-        image = (0, h * w) if tokens == h * w else (TXT, TXT + h * w)
-        seen.add((block.kind, tokens))
-        shifted = [None if r is None else tuple(Ref(ref.row + c * 3, ref.region_only) for ref in r)
-                   for c in range(2) for r in rules]
-        expect = _naive(q, k, v, shifted, regions, image)
+        image = span(block, tokens)
+        seen.add((block, tokens))
+        expect = _naive(q, k, v, shifted if image else [None] * len(shifted), regions, image or (0, 0))
         got = out.reshape(expect.shape[0], tokens, heads, -1)
         torch.testing.assert_close(got.double(), expect, atol=2e-5, rtol=1e-4)
-    assert seen == kinds
+    return seen
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-fill", "tiny-sd3", "tiny-chroma"])
-def test_identities_and_input_model_unchanged(dits, name):
+def assert_identities(model, inputs):
     """Self-only / geometry-only modes and an empty source mask give the unpatched model bit for bit; a block window
-    excluding every block too; the input MODEL keeps its options."""
+    excluding every block too; an acting rule changes its row only; the input MODEL keeps its options.
+    inputs(rows) -> (x, the model's keyword inputs) of a direct call."""
     from harmonizing_attention.nodes.patch import apply_plan
 
-    model = dits[name][0]
     options = copy.deepcopy(model.model_options)
     layout = PairLayout(1, 1)
-    x, kwargs = _inputs(name, 2)
+    x, kwargs = inputs(2)
     plain = _run(model, x, kwargs)
     empty = torch.zeros(2, 40, 50)
     for plan in (RowPlan(2, lambda layer: geometry_preserving_rules(layout, "self_only")),
                  RowPlan(2, lambda layer: geometry_preserving_rules(layout), regions=empty),
                  RowPlan(2, lambda layer: geometry_preserving_rules(layout, "source_only"), regions=empty)):
         assert torch.equal(_run(apply_plan(model, plan), x, kwargs), plain)
-    x3, kwargs3 = _inputs(name, 3)
+    x3, kwargs3 = inputs(3)
+    plain3 = _run(model, x3, kwargs3)
     ta = RowPlan(3, lambda layer: texture_aligning_rules(layout, "geometry_only"))
-    assert torch.equal(_run(apply_plan(model, ta), x3, kwargs3), _run(model, x3, kwargs3))
+    assert torch.equal(_run(apply_plan(model, ta), x3, kwargs3), plain3)
     acting = RowPlan(3, lambda layer: texture_aligning_rules(layout))
-    assert torch.equal(_run(apply_plan(model, acting, (1.0, 1.0)), x3, kwargs3), _run(model, x3, kwargs3))
-    assert not torch.equal(_run(apply_plan(model, acting), x3, kwargs3), _run(model, x3, kwargs3))
+    assert torch.equal(_run(apply_plan(model, acting, (1.0, 1.0)), x3, kwargs3), plain3)
+    out = _run(apply_plan(model, acting), x3, kwargs3)
+    assert torch.equal(out[:2], plain3[:2]) and not torch.allclose(out[2], plain3[2])
     assert model.model_options == options
     assert "optimized_attention_override" not in model.model_options["transformer_options"]
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-fill", "tiny-sd3", "tiny-chroma"])
+def test_identities_and_input_model_unchanged(dits, name):
+    assert_identities(dits[name][0], lambda rows: _inputs(name, rows))
 
 
 def test_block_window_patches_blocks_by_depth(dits):
@@ -386,29 +409,40 @@ def test_appearance_transfer_nodes_on_flux(dits):
 @pytest.mark.parametrize("name", ["flux_fill_geometry_transfer", "sd3_geometry_transfer"])
 def test_shipped_dit_workflows_run_with_tiny_models(dits, name):
     """The shipped API twins as they are, loaders swapped for the tiny Flux Fill / SD3 (comfy_server.swap_loaders),
-    ImageScale at 64 px (the composite's band scaled with it) and 1 step; the UI twins convert to them (test_pipeline
-    checks every workflow). The saved image is the detail-preserving composite: the scaled target's own pixels
-    outside its blend band."""
+    a 64 px working region (the model's canvas) and 1 step; the UI twins convert to them (test_pipeline checks every
+    workflow). The saved image is the detail-preserving composite: the 512 px target's own pixels outside its blend
+    band."""
+    out = run_shipped_with_tiny_model(name, "tiny-flux-fill" if "flux" in name else "tiny-sd3")
+    assert_shipped_dit_output(out, "22" if "flux" in name else "19")
+
+
+def assert_shipped_dit_output(out: dict, composite: str) -> None:
+    """A shipped DiT workflow's outputs (run_shipped_with_tiny_model): decoded at the working canvas, and the saved
+    composite the 512 px target's own pixels outside its blend band."""
+    decoded, canvas = out["11"][0], out["7"][1].window.canvas_hw
+    assert decoded.shape == (1, *canvas, 3) and max(canvas) <= 96 and torch.isfinite(decoded).all()
+    image, band = out[composite]
+    assert image.shape == (1, 512, 512, 3) and harness.composite_keeps_target(image, band, out["5"][0])
+
+
+def run_shipped_with_tiny_model(name: str, tiny: str) -> dict:
+    """Each node's outputs of workflows/api/<name>.json run as it is, its loaders swapped for the test pack's `tiny`
+    model (comfy_server.swap_loaders), a 64 px working region instead of its 1024 px one, and 1 step."""
     import json
 
     import comfy_server
     from test_pipeline import shipped
 
-    prompt = shipped(f"api/{name}.json")  # the example images in the input folder
+    shipped(f"api/{name}.json")  # the example images in the input folder
     prompt = comfy_server.swap_loaders(json.loads((harness.PACK_ROOT / "workflows" / "api" / f"{name}.json").read_text()))
-    assert {n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "HATest_TinyCheckpoint"} == {
-        "tiny-flux-fill" if "flux" in name else "tiny-sd3"}
+    assert {n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "HATest_TinyCheckpoint"} == {tiny}
     for node in prompt.values():
-        if node["class_type"] == "ImageScale":
-            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "HA_GeometryImageEdit":
+            assert node["inputs"]["working_size"] == 1024
+            node["inputs"]["working_size"] = 64
         if node["class_type"] == "HA_TextureAligningInversion":
             node["inputs"].update(steps=1, renoise_iterations=1)
-        if node["class_type"] == "HA_DetailPreservingComposite":  # its 1024 px band would cover a 64 px image
-            node["inputs"].update(feather=2.0, levels=2)
-    out = harness.run_prompt(prompt)
-    decoded = out["11"][0]
-    assert decoded.shape == (1, 64, 64, 3) and torch.isfinite(decoded).all()
-    assert harness.composite_keeps_target(*out["22" if "flux" in name else "19"], out["15"][0])  # the saved image
+    return harness.run_prompt(prompt)
 
 
 def test_families_the_dit_path_cannot_take_are_refused_by_name(dits):
@@ -423,4 +457,4 @@ def test_families_the_dit_path_cannot_take_are_refused_by_name(dits):
         validate.unet(harness.tiny_pixart())
     validate.unet(dits["tiny-sd3"][0])
     with pytest.raises(ValueError, match="multiples of 16 for the VAE and the 2x2 patches of the model"):
-        validate.latent_size("target", torch.zeros(1, 72, 64, 3), validate.pixel_multiple(dits["tiny-flux"][0]))
+        validate.latent_size("target", torch.zeros(1, 72, 64, 3), dits["tiny-flux"][0])

@@ -163,8 +163,12 @@ def test_add_geometry_refuses_bad_inputs(comfy):
     shifted = ColorShift.execute(scene, "mean_shift", 0.5, 2).args[1]
     with pytest.raises(ValueError, match="add every geometry first"):
         AddGeometry.execute(shifted, src_a, mask_a, 0.0, 0.0, 1.0, 0.0)
-    with pytest.raises(ValueError, match=r"source is 32x32 \(WxH\) but the scene's first source is 48x48"):
-        AddGeometry.execute(scene, src_a[:, :32, :32], mask_a[:, :32, :32], 0.0, 0.0, 1.0, 0.0)
+    # a source of another size is placed at its own (its anchor at the same relative place, to a whole pixel offset),
+    # its row padded to the scene's sources' size
+    grown = AddGeometry.execute(scene, src_a[:, :32, :32], mask_a[:, :32, :32], 0.0, 0.0, 1.0, 0.0).args[2]
+    assert grown.source.shape == (2, 48, 48, 3) and torch.equal(grown.source[1, :32, :32], src_a[0, :32, :32])
+    assert torch.equal(grown.source_mask[1], box(48, 10, 22, 10, 22)[0]) and torch.equal(grown.source[0], src_a[0])
+    assert torch.equal(grown.placed_masks[0, 1], box(48, 18, 30, 18, 30)[0])
     with pytest.raises(ValueError, match="source has a batch of 3 but the scene has 1 targets"):
         AddGeometry.execute(scene, src_a.expand(3, -1, -1, -1), mask_a, 0.0, 0.0, 1.0, 0.0)
 
@@ -209,12 +213,12 @@ def test_shipped_multi_geometry_workflow(tiny):
     """The API twin as shipped (three small cracks on the brick wall, regional colour, auto balance): at its own
     512 px up to the colour shift; then whole with the tiny model, 1 step, on the example images at 64 px (as the
     app tests run it: the placements keep every crack on that canvas too)."""
-    from PIL import Image
+    import comfy_server
     import folder_paths
     from test_pipeline import shipped, small
 
     prompt = small(shipped("api/multi_geometry_transfer.json"), steps=1, iterations=1)
-    front = {k: v for k, v in prompt.items() if k in {"3", "4", "5", "6", "14", "15", "7"}}
+    front = {k: v for k, v in prompt.items() if k in {"3", "5", "6", "14", "15", "7"}}
     front["40"] = {"class_type": "HATest_Keep", "inputs": {"value": ["7", 1]}}
     scene = harness.run_prompt(front)["7"][1]
     assert scene.geometries == 3 and scene.source.shape[0] == 3 and scene.color_adjusted
@@ -223,14 +227,15 @@ def test_shipped_multi_geometry_workflow(tiny):
     assert not any((placed[i] * placed[j]).any() for i, j in ((0, 1), (0, 2), (1, 2)))  # three cracks, apart
 
     inputs = Path(folder_paths.get_input_directory())
-    for name in ("crack_source.png", "crack_mask.png", "target_brick.png"):
-        with Image.open(inputs / name) as im:
-            im.resize((64, 64), Image.NEAREST if "mask" in name else Image.LANCZOS).save(inputs / f"small_{name}")
-    for key in ("3", "4", "5"):
+    for name in ("crack_source.png", "target_brick.png"):  # the source's alpha holds the mask (LoadImage's MASK)
+        comfy_server.small_copy(inputs / name, inputs / f"small_{name}")
+    for key in ("3", "5"):
         prompt[key]["inputs"]["image"] = "small_" + prompt[key]["inputs"]["image"]
     prompt["12"]["inputs"]["filename_prefix"] = "shipped_multi/multi_geometry_transfer"
     out = harness.run_prompt(prompt)
     assert out["10"][1]["samples"].shape[0] == 3  # one inversion, one generation: three source rows
-    assert out["11"][0].shape == (1, 64, 64, 3) and torch.isfinite(out["11"][0]).all()
-    assert harness.composite_keeps_target(*out["16"], out["5"][0])  # the saved image, over the union's blend band
+    canvas = out["7"][1].window.canvas_hw  # the working region: the 64 px target enlarged (at most 2x)
+    assert out["11"][0].shape == (1, *canvas, 3) and canvas == (128, 128) and torch.isfinite(out["11"][0]).all()
+    assert out["16"][0].shape == (1, 64, 64, 3)  # the saved image: the target outside the union's blend band
+    assert harness.composite_keeps_target(*out["16"], out["5"][0])
     assert all(m.any() for m in out["7"][1].placed_masks[0])

@@ -19,8 +19,11 @@ class _Models(dict):
                           harness.tiny_vae(seed=7, z_channels=16))
         elif name == "tiny-sd3":
             self[name] = (harness.tiny_sd3(seed=13), _clip, harness.tiny_vae(seed=7, z_channels=16))
+        elif name in harness.TINY_FAMILIES:
+            self[name] = harness.tiny_family(name)
         else:
-            raise KeyError(f"no test model {name!r}: use one of tiny, tiny-inpaint, tiny-sdxl, tiny-flux-fill, tiny-sd3")
+            raise KeyError(f"no test model {name!r}: use one of tiny, tiny-inpaint, tiny-sdxl, tiny-flux-fill, tiny-sd3, "
+                           f"{', '.join(harness.TINY_FAMILIES)}")
         return self[name]
 
 
