@@ -2,10 +2,11 @@
 
 - pipeline: pipeline.invert -> blend_latents -> generate (the nodes' functions, through ComfyUI's sampler) on one
   pair (bench/pipeline_overhead.py's scene), on the model as loaded and behind ComfyUI's TorchCompileModel
-  (its node's own settings; --backend): the first run (compiling), a re-run, and a re-run with the geometry moved.
-  Wall seconds per run, compiled / eager per run, and the compilations each run caused (torch._dynamo's count of
-  graphs; the pack's copy compiles each patched pass's layout once). Re-runs reuse the source passes (nodes/reuse.py)
-  in both columns, as the nodes do.
+  (its node's own settings; --backend): the first run (compiling), re-runs (eager and compiled interleaved, the
+  ratio per round) and a run with the geometry moved. Wall seconds, compiled / eager, the compilations each run
+  caused (torch._dynamo's count of graphs; the pack's copy compiles each patched pass's layout once) and the largest
+  difference of the output latents. Re-runs reuse the source passes (nodes/reuse.py) in both columns, as the nodes
+  do.
 - forward: one patched evaluation (geometry-preserving rule on the generation batch [src, out]) / one plain
   evaluation of the same batch, both eager and both compiled (the plain model through TorchCompileModel's own
   compiled copy, the patched one through the pack's), interleaved rounds.
@@ -50,30 +51,40 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def pipeline_runs(model, vae, size: int, steps: int, iterations: int, device) -> list[tuple[str, float, int]]:
-    """(run, seconds, graphs compiled) of the first run, a re-run and a re-run with the geometry moved."""
+def pipeline_runs(models: dict, vae, size: int, steps: int, iterations: int, repeats: int, device) -> dict:
+    """Per model (eager, compiled): {run: (seconds, graphs compiled, output latents)} of the first run, the re-runs
+    (`repeats` rounds, eager and compiled interleaved: seconds per round) and a run with the geometry moved."""
     import torch
     from harmonizing_attention.attention import edit
-    from harmonizing_attention.nodes import pipeline
+    from harmonizing_attention.nodes import pipeline, reuse
 
-    context_dim = model.model.model_config.unet_config["context_dim"]
+    context_dim = next(iter(models.values())).model.model_config.unet_config["context_dim"]
     conditioning = [[torch.randn(1, 77, context_dim, generator=torch.Generator().manual_seed(0)), {}]]
     first = scene(8 * size)
     geometry, mask = edit.place_source(first.source, first.source_mask, first.target,
                                        edit.Placement(shift_x=size * 2.0, shift_y=size * 1.0))
     moved = type(first)(source=first.source, source_mask=first.source_mask, target=first.target, geometry=geometry,
                         geometry_mask=mask)
-    out = []
-    for name, s in (("first run", first), ("re-run", first), ("geometry moved", moved)):
+
+    def run(model, s):
         before = graphs()
         with torch.inference_mode():
             t0 = time.perf_counter()
             inverted = pipeline.blend_latents(pipeline.invert(model, vae, conditioning, s, steps, iterations, 1,
                                                               "texture_aligning"), 0.0)
-            pipeline.generate(model, conditioning, conditioning, inverted, 1.0, "geometry_preserving")
+            latents, _ = pipeline.generate(model, conditioning, conditioning, inverted, 1.0, "geometry_preserving")
             common.sync(device)
-            out.append((name, time.perf_counter() - t0, graphs() - before))
-        print(f"    {name}: {out[-1][1]:.2f} s, {out[-1][2]} graph(s) compiled", flush=True)
+            return time.perf_counter() - t0, graphs() - before, latents.float().cpu()
+
+    reuse.CACHE.clear()  # each model computes its own source passes on its first run, reuses them after
+    out = {label: {"first run": run(model, first)} for label, model in models.items()}
+    rounds = {label: [] for label in models}
+    for r in range(repeats):
+        for label in list(models) if r % 2 == 0 else list(models)[::-1]:
+            rounds[label].append(run(models[label], first))
+    for label, model in models.items():
+        out[label]["re-run"] = ([t for t, _, _ in rounds[label]], sum(n for _, n, _ in rounds[label]), rounds[label][-1][2])
+        out[label]["geometry moved"] = run(model, moved)
     return out
 
 
@@ -102,37 +113,38 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = common.start(args.cpu, args.threads)
     import harness
-    from harmonizing_attention.nodes import reuse
 
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (9 if args.quick else 15)
     size = args.size or (16 if args.quick else 32)
     steps, iterations = args.steps or (2 if args.quick else 4), args.iterations or (1 if args.quick else 2)
     print(f"# torch.compile ({args.backend}) on {common.describe(device)}; latent {size}x{size}, {steps} steps x "
-          f"{iterations} ReNoise + {steps}; {repeats} interleaved forward rounds", flush=True)
+          f"{iterations} ReNoise + {steps}; {repeats} interleaved rounds (the first run compiles: minutes with inductor "
+          "on a CPU, unless inductor's cache has the graphs)", flush=True)
     vae = harness.tiny_vae()
     pipeline_rows, forward_rows, headline = [], [], {}
     for model_name in common.models_arg(args):
         base = common.build_model(model_name, device)
         comp = compiled(base, args.backend)
-        runs = {}
-        for label, model in (("eager", base), ("compiled", comp)):
-            print(f"  {model_name} {label}:", flush=True)
-            reuse.CACHE.clear()  # each column computes its own source passes on its first run
-            runs[label] = pipeline_runs(model, vae, size, steps, iterations, device)
-        for (name, eager, _), (_, comp_s, n) in zip(runs["eager"], runs["compiled"], strict=True):
-            pipeline_rows.append([model_name, name, f"{eager:.2f}", f"{comp_s:.2f}", f"{comp_s / eager:.3f}", n])
+        runs = pipeline_runs({"eager": base, "compiled": comp}, vae, size, steps, iterations, repeats, device)
+        for name in ("first run", "re-run", "geometry moved"):
+            (eager, _, a), (comp_s, n, b) = runs["eager"][name], runs["compiled"][name]
+            ratio = (common.mmm(common.ratios(comp_s, eager)) if name == "re-run" else f"{comp_s / eager:.3f}")
+            seconds = (lambda t: f"{statistics.median(t):.2f}") if name == "re-run" else (lambda t: f"{t:.2f}")
+            pipeline_rows.append([model_name, name, seconds(eager), seconds(comp_s), ratio, n,
+                                  f"{float((a - b).abs().max()):.2g}"])
         r = forward_ratios(base, comp, size, repeats, device)
         forward_rows.append([model_name, f"{size}x{size}", common.mmm(r["eager"]), common.mmm(r["compiled"]),
                              common.mmm(r["compiled / eager plain"]), common.mmm(r["compiled / eager patched"])])
-        headline.setdefault("compile_pipeline_rerun_vs_eager", []).append(runs["compiled"][1][1] / runs["eager"][1][1])
+        headline.setdefault("compile_pipeline_rerun_vs_eager", []).append(
+            statistics.median(common.ratios(runs["compiled"]["re-run"][0], runs["eager"]["re-run"][0])))
         headline.setdefault("compile_patched_vs_plain", []).append(statistics.median(r["compiled"]))
         headline.setdefault("eager_patched_vs_plain", []).append(statistics.median(r["eager"]))
-        headline.setdefault("compile_graphs_first_run", []).append(runs["compiled"][0][2])
-        headline.setdefault("compile_graphs_rerun", []).append(runs["compiled"][1][2])
-        headline.setdefault("compile_graphs_moved", []).append(runs["compiled"][2][2])
+        for name, run in (("first_run", "first run"), ("rerun", "re-run"), ("moved", "geometry moved")):
+            headline.setdefault(f"compile_graphs_{name}", []).append(runs["compiled"][run][1])
         del base, comp
     print()
-    print(common.table(["model", "run", "eager s", "compiled s", "compiled / eager", "graphs compiled"], pipeline_rows))
+    print(common.table(["model", "run", "eager s", "compiled s", "compiled / eager (re-runs: min / med / max)",
+                        "graphs compiled", "max |compiled - eager| (latents)"], pipeline_rows))
     print()
     print(common.table(["model", "latent", "patched / plain, eager (min / med / max)", "patched / plain, compiled",
                         "compiled / eager, plain", "compiled / eager, patched"], forward_rows))
