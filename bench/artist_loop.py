@@ -122,12 +122,8 @@ class Runner:
 
     def __init__(self):
         import comfy_runtime
-        import execution
 
-        # scripts/comfy_runtime.py's constructor for this ComfyUI's PromptExecutor where it has one (later
-        # ComfyUI takes cache_args), else 0.3.64's
-        make = getattr(comfy_runtime, "_executor", None)
-        self.executor = make() if make else execution.PromptExecutor(comfy_runtime._ServerStub(), cache_type=False)
+        self.executor = comfy_runtime.new_executor()  # this ComfyUI's PromptExecutor with the classic node cache
 
     def __call__(self, graph: dict, device) -> tuple[float, float]:
         """(wall seconds, this process's CPU seconds) of one execution."""
