@@ -32,12 +32,13 @@ from the call's sigma: the one host sync, once per call), each attention layer's
 cells and token indices, the copy plan, the balance weights; cached per layout in the RowPlan) and, for a
 replay, the layer's recorded keys/values already on the device; after the call it files what the layers
 recorded (attention/trajectory.py). Layers are known before the call: a UNet's from its blocks (each level of
-Downsample halves the latent, rounding up: `_grid`), a DiT's token grid from its patch size. A layer call then
+Downsample halves the latent, rounding up: `_grid`), a DiT's blocks and token grid from its family
+(families.dit_blocks, families.patch_size; the text length as families' text_tokens pads it). A layer call then
 reads the ModelCall and does tensor work only: no numpy, scipy, `.tolist()`, `float(tensor)` or host sync, and
 every size it branches on comes from its tensors' shapes or the ModelCall's plain Python values, so
 torch.compile traces it as one graph and guards on exactly those values. Record/replay keys each call by the
 sigma and cond/uncond flag of its chunks (read in the wrapper), and each layer by its place in the model: a
-UNet's (stage, block id, transformer index), a DiT's patches_replace["dit"] block key (its image tokens recorded).
+UNet's (stage, block id, transformer index), a DiT's block key (kind, i) (its image tokens recorded).
 
 torch.compile (ComfyUI's TorchCompileModel, both versions; `_compile_for_pack`): its APPLY_MODEL wrapper swaps
 in a `torch.compile`d diffusion model whose code Dynamo reuses for any call its guards accept. ComfyUI 0.33
