@@ -12,9 +12,12 @@ The graph is the shipped one's (CLIPTextEncode replaced by a fixed random condit
 width): HA_GeometryImageEdit -> HA_ColorShift -> HA_TextureAligningInversion -> HA_LatentBlend ->
 HA_GeometryPreservingSampler -> VAEDecode, at steps x 5 ReNoise iterations (the paper's ratio of
 inversion to generation work). Models: 'tiny' (tests/harness.py's reduced SD1.5-shaped inpainting UNet, a
-tiny VAE) and 'sd15' (the full-size SD1.5 inpainting UNet and SD's VAE architecture, random weights).
+tiny VAE), 'sd15' (the full-size SD1.5 inpainting UNet and SD's VAE architecture, random weights) and
+'flux-tiny' (tests/harness.py's tiny Flux, a 16-channel tiny VAE: the DiT path, whose re-run replays the sources'
+recorded joint-attention tokens as a UNet's replays its self-attention).
 
-    python bench/artist_loop.py [--quick] [--cpu] [--models tiny,sd15] [--size 32] [--steps N] [--repeats R] [--warmup W]
+    python bench/artist_loop.py [--quick] [--cpu] [--models tiny,sd15,flux-tiny] [--size 32] [--steps N] [--repeats R]
+        [--warmup W]
 """
 from __future__ import annotations
 
@@ -67,7 +70,9 @@ def register_nodes(models: dict, captured: dict) -> None:
 
         @classmethod
         def execute(cls, width):
-            return io.NodeOutput([[torch.randn(1, 77, width, generator=torch.Generator().manual_seed(0)), {}]])
+            gen = torch.Generator().manual_seed(0)  # a pooled output too, for a DiT's vector input (Flux's y)
+            return io.NodeOutput([[torch.randn(1, 77, width, generator=gen), {"pooled_output": torch.randn(1, width,
+                                                                                                          generator=gen)}]])
 
     class Capture(io.ComfyNode):
         @classmethod
@@ -166,11 +171,13 @@ def measure(model_name, device, size, steps, iterations, repeats, warmup):
         return executor(x, *args, **kwargs)
 
     model = harness.with_diffusion_wrapper(base, "ha_bench_count", count)
-    vae = sd_vae() if model_name == "sd15" else harness.tiny_vae()
+    vae = sd_vae() if model_name == "sd15" else harness.tiny_vae(seed=7, z_channels=16) if model_name == "flux-tiny" \
+        else harness.tiny_vae()
     captured: dict = {}
     ckpt = f"bench-{model_name}"
     register_nodes({ckpt: (model, None, vae)}, captured)
-    width = base.model.model_config.unet_config["context_dim"]
+    config = base.model.model_config.unet_config
+    width = config.get("context_dim") or config["context_in_dim"]
     settings = {"first": (8.0, 0.5), "moved": (16.0, 0.5), "colour": (16.0, 0.8)}
     runner = Runner()
     times = {run: [] for run in RUNS}
@@ -207,7 +214,8 @@ def measure(model_name, device, size, steps, iterations, repeats, warmup):
            " / ".join(evaluations[run] for run in RUNS), "yes" if all(identical) else "NO",
            f"{per_source / 2 ** 10:.0f}"]
     worst = {"wall": max(statistics.median(ratio[run]) for run in RUNS[1:]),
-             "cpu": max(statistics.median(cpu_ratio[run]) for run in RUNS[1:])}
+             "cpu": max(statistics.median(cpu_ratio[run]) for run in RUNS[1:]),
+             "moved": statistics.median(ratio["moved"])}
     return row, worst, all(identical)
 
 
@@ -221,23 +229,24 @@ def main(argv=None) -> int:
     device = common.start(args.cpu, args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     print(f"# artist loop on {common.describe(device)}; {repeats} rounds (+{args.warmup} warm-up)", flush=True)
-    rows_out, worst, all_identical = [], {"wall": 0.0, "cpu": 0.0}, True
+    rows_out, worst, moved, all_identical = [], {"wall": 0.0, "cpu": 0.0}, {}, True
     for model_name in common.models_arg(args):
         cpu_full = model_name == "sd15" and device.type != "cuda"
         steps = args.steps or (5 if args.quick else 4 if cpu_full else 25)
         row, ratio, identical = measure(model_name, device, args.size, steps, args.iterations, repeats, args.warmup)
         rows_out.append(row)
         worst = {clock: max(worst[clock], ratio[clock]) for clock in worst}
+        moved[model_name.replace("-", "_")] = ratio["moved"]
         all_identical = all_identical and identical
     print()
     print(common.table(["model", "latent", "steps x ReNoise + steps", "first run s (median)",
                         "moved / first min / med / max", "colour / first min / med / max",
-                        "UNet evaluations: first / moved / colour", "re-runs == fresh runs (bit)",
+                        "model evaluations: first / moved / colour", "re-runs == fresh runs (bit)",
                         "reuse cache KiB per source"], rows_out))
     print("\nre-run / first run: median over rounds, worst of moved and colour; wall time, and this process's CPU "
           "time (on a CPU with --threads 1 the CPU time does not count time other processes hold the core)")
     print(f"artist_loop_rerun_over_first_worst={worst['wall']:.3f} cpu_time={worst['cpu']:.3f} "
-          f"bit_identical={all_identical}")
+          + "".join(f"moved_over_first_{name}={r:.3f} " for name, r in moved.items()) + f"bit_identical={all_identical}")
     return 0 if all_identical else 1
 
 

@@ -53,6 +53,7 @@ class DitFamily:
     named_blocks: str | None = None
     text_input: str = "txt_in"  # the diffusion model's layer whose in_features is the text tokens' width
     text_tokens: Callable[[object, int], int] = _same_length  # (diffusion model, context tokens) -> text tokens
+    width: str = "hidden_size"  # the diffusion model's attribute holding its joint attention's width (heads x head dim)
     check: Callable[[object], None] = _no_check  # raises UnsupportedModel for what the pack cannot take
 
     def model_class(self):
@@ -125,10 +126,10 @@ FAMILIES = (
     DitFamily("SD3.x", "SD3", (("joint_blocks", "double_block"),), text_input="context_embedder"),
     # Qwen-Image and its Edit checkpoints (the same transformer), prompted as text-to-image models
     DitFamily("Qwen-Image (and Qwen-Image-Edit)", "QwenImage", (("transformer_blocks", "double_block"),),
-              check=_qwen_single_image),
+              width="inner_dim", check=_qwen_single_image),
     # Lumina 2's NextDiT: context and noise refiners first (text alone, image alone: left plain), then the joint layers
     DitFamily("Z-Image (Lumina 2's NextDiT)", "Lumina2", (("layers", "double_block"),), named_blocks="double",
-              text_input="cap_embedder.1", text_tokens=_nextdit_text, check=_nextdit_names_its_layers),
+              text_input="cap_embedder.1", text_tokens=_nextdit_text, width="dim", check=_nextdit_names_its_layers),
 )
 
 DIT_NAMES = ", ".join(f.name for f in FAMILIES[:-1]) + " or " + FAMILIES[-1].name
@@ -166,6 +167,11 @@ def patch_size(model) -> int:
     if not is_dit(model):
         return 1
     return int(getattr(model.get_model_object("diffusion_model"), "patch_size", 2))
+
+
+def token_width(model) -> int:
+    """Channels of one image token's key (or value) in a DiT's joint attention: heads x head dim (Flux.1: 3072)."""
+    return int(getattr(model.get_model_object("diffusion_model"), family(model).width))
 
 
 def vae_step(model) -> int:

@@ -38,7 +38,8 @@ reads the ModelCall and does tensor work only: no numpy, scipy, `.tolist()`, `fl
 every size it branches on comes from its tensors' shapes or the ModelCall's plain Python values, so
 torch.compile traces it as one graph and guards on exactly those values. Record/replay keys each call by the
 sigma and cond/uncond flag of its chunks (read in the wrapper), and each layer by its place in the model: a
-UNet's (stage, block id, transformer index), a DiT's block key (kind, i) (its image tokens recorded).
+UNet's (stage, block id, transformer index), a DiT's block key (kind, i) (its image tokens recorded: the
+generation's source pass on either path, replayed in its output pass and on a re-run, nodes/pipeline.generate).
 
 torch.compile (ComfyUI's TorchCompileModel, both versions; `_compile_for_pack`): its APPLY_MODEL wrapper swaps
 in a `torch.compile`d diffusion model whose code Dynamo reuses for any call its guards accept. ComfyUI 0.33

@@ -26,7 +26,7 @@ from ..attention.kv import Balance
 from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, texture_aligning_rules
 from ..attention.tokens import blend, latent_mask
 from ..attention.trajectory import Trajectory
-from . import reuse
+from . import families, reuse
 from .families import is_dit, is_inpainting
 from .patch import apply_plan, without_step_caches
 
@@ -346,7 +346,7 @@ def run_sampler(model, loop, latents, sigmas, positive, negative, cfg, guider=No
     `guider(model)` makes the comfy.samplers.CFGGuider (or subclass) to sample with; default ComfyUI's plain CFGGuider.
 
     Every pass of the pack needs every model evaluation it asks for (ReNoise evaluates several times at one step, a
-    UNet's source pass is replayed evaluation by evaluation, the appearance guidance evaluates twice per step): the
+    sources' generation pass is replayed evaluation by evaluation, the appearance guidance evaluates twice per step): the
     model's step caches are suspended for the pass (patch.without_step_caches; `model` keeps them)."""
     guider = (guider or comfy.samplers.CFGGuider)(without_step_caches(model))
     guider.set_conds(positive, negative)
@@ -462,14 +462,35 @@ def _sample(model, plan: RowPlan, x, sigmas, positive, negative, cfg, inpaint, m
     return run_sampler(apply_plan(model, plan, dit_window), loop, x, sigmas, positive, negative, cfg)
 
 
-def generate_sources(model, positive, negative, inverted: Inverted, cfg: float):
+def dit_recording_bytes(model, inverted: Inverted, cfg: float, dit_window: tuple[float, float]) -> int:
+    """What a DiT's source recording holds (generate_sources), from the shapes: keys and values of every source
+    row's region tokens (the longest row's count), at every patched block of every model call (steps x cond/uncond
+    chunks), at the width and dtype of the joint attention. Flux.1 at 1024 x 1024 (4096 image tokens of 3072
+    channels, 57 blocks) in bf16: 2.9 GB per step and source x the mask's fraction of the image."""
+    sources = inverted.layout.sources
+    h, w = (math.ceil(v / families.patch_size(model)) for v in inverted.latents.shape[-2:])
+    masks = _row_masks(inverted.scene, "generation")[:sources]
+    longest = max(RowPlan(sources, lambda layer: [None] * sources, regions=masks).record_index(h, w, 1, "cpu")[1])
+    blocks = families.dit_blocks(model)
+    start, end = dit_window
+    patched = sum(start <= i / len(blocks) < end for i in range(len(blocks)))
+    calls = (len(inverted.sigmas) - 1) * (1 if cfg == 1.0 else 2)
+    inner = model.model
+    dtype = getattr(inner, "manual_cast_dtype", None) or inner.get_dtype() or torch.float32  # the attention's
+    return 2 * patched * calls * sources * longest * families.token_width(model) * dtype.itemsize
+
+
+def generate_sources(model, positive, negative, inverted: Inverted, cfg: float,
+                     dit_window: tuple[float, float] = (0.0, 1.0)):
     """(source latents, their Trajectory): the source rows denoised as a batch of their own, recording their
-    keys/values inside the source mask at every self-attention call for the output rows' eq. 5.
+    keys/values inside the source mask at every self-attention call (a DiT's: every joint attention of the
+    patched blocks, its image tokens) for the output rows' eq. 5.
 
     Like their inversion, they depend on neither the placement nor the colour shift: a re-run with the same
     inverted sources, model, conditioning, cfg and schedule takes them from reuse.CACHE when they fit its
     budget (SD1.5 at 512 x 512, 25 steps: ~46 MB per step x the mask's fraction of the image in fp16,
-    x 2 in fp32 or with cfg != 1; see docs/method.md, "Re-runs reuse what did not change")."""
+    x 2 in fp32 or with cfg != 1; a DiT: dit_recording_bytes; see docs/method.md, "Re-runs reuse what did not
+    change")."""
     sources = inverted.layout.sources
     masks = _row_masks(inverted.scene, "generation")[:sources]
     inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[:sources]
@@ -478,10 +499,10 @@ def generate_sources(model, positive, negative, inverted: Inverted, cfg: float):
     def compute():
         recording = Trajectory(comfy.model_management.intermediate_device())
         plan = RowPlan(sources, lambda layer: [None] * sources, regions=masks, record=recording)
-        return _sample(model, plan, z, inverted.sigmas, positive, negative, cfg, inpaint, masks), recording
+        return _sample(model, plan, z, inverted.sigmas, positive, negative, cfg, inpaint, masks, dit_window), recording
 
     key = reuse.key("source_generation", lambda k: k.model(model).value(
-        (positive, negative, float(cfg), inverted.sigmas, z, inpaint, masks)))
+        (positive, negative, float(cfg), inverted.sigmas, z, inpaint, masks, dit_window)))
     samples, recording = reuse.cached(key, compute)
     return samples.clone(), recording
 
@@ -492,14 +513,19 @@ def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: st
     """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents.
     `balance` weighs each source's keys (kv.Balance); `report` receives the weights each layer got.
 
-    On a UNet, two passes: the sources (generate_sources, reused across runs), then the outputs, whose
-    attention takes the sources' keys/values from the first pass's recording. A diffusion transformer's
-    joint attention has no recording (patch.apply_dit_plan): there the rows run as one batch."""
+    Two passes: the sources (generate_sources, reused across runs), then the outputs, whose attention takes the
+    sources' keys/values from the first pass's recording. On a diffusion transformer whose recording
+    (dit_recording_bytes) would exceed the reuse cache's budget, the rows run as one batch instead (the same
+    attention, nothing recorded, nothing reused: a re-run recomputes the sources)."""
     layout = inverted.layout
     positive = same_guidance(model, positive, "positive", inverted.guidance)
     negative = same_guidance(model, negative, "negative", inverted.guidance, strict=False)
     rules = geometry_preserving_rules(layout, mode, balance)
-    if is_dit(model):
+    recording_bytes = dit_recording_bytes(model, inverted, cfg, dit_window) if is_dit(model) else 0
+    if recording_bytes > reuse.CACHE.budget:
+        logging.info("Harmonizing Attention: the sources' recording (%.0f MB) would exceed the reuse cache "
+                     "(HARMONIZING_ATTENTION_CACHE_MB=%.0f): the generation runs as one batch and a re-run recomputes "
+                     "the sources", recording_bytes / 2 ** 20, reuse.CACHE.budget / 2 ** 20)
         rows = layout.generation_rows
         x = torch.cat([inverted.latents[: layout.sources], inverted.blended])
         masks = _row_masks(inverted.scene, "generation")
@@ -508,11 +534,12 @@ def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: st
         samples = _sample(model, plan, x, inverted.sigmas, positive, negative, cfg, inpaint, masks, dit_window)
         _log_balance(plan, "geometry-preserving", report)
         return samples[layout.sources:], samples[: layout.sources]
-    sources, recording = generate_sources(model, positive, negative, inverted, cfg)
+    sources, recording = generate_sources(model, positive, negative, inverted, cfg, dit_window)
     masks = _row_masks(inverted.scene, "generation")[layout.sources:]
     inpaint = None if inverted.inpaint_latents is None else inverted.inpaint_latents[layout.sources:layout.generation_rows]
     rules = _rows_from(rules, layout.sources, recorded=True)
     plan = RowPlan(layout.pairs, lambda layer: rules, replay=recording.replayer(), report_balance=balance is not None)
-    samples = _sample(model, plan, inverted.blended, inverted.sigmas, positive, negative, cfg, inpaint, masks)
+    samples = _sample(model, plan, inverted.blended, inverted.sigmas, positive, negative, cfg, inpaint, masks,
+                      dit_window)
     _log_balance(plan, "geometry-preserving", report)
     return samples, sources

@@ -83,9 +83,9 @@ def fresh_process(comfy):
 
 
 # compiled graphs a run may cause: the first run compiles the source inversion (TorchCompileModel's own copy) and
-# each patched pass of the pack's copy (texture-aligning inversion; a UNet's source and output generation, a DiT's
-# one generation batch); the switched-off modes are other programs (one per pass); nothing after that
-FIRST = {"tiny-inpaint": 4, "tiny-flux": 3}
+# each patched pass of the pack's copy (texture-aligning inversion, the source generation recorded, the output
+# generation replaying it); the switched-off modes are other programs (one per pass); nothing after that
+FIRST = {"tiny-inpaint": 4, "tiny-flux": 4}
 OFF = 2
 
 

@@ -384,6 +384,48 @@ def _graph(ckpt, **sampler):
     return prompt
 
 
+def test_a_rerun_replays_the_sources_generation_bit_for_bit(dits, tiny):
+    """Tiny Flux through ComfyUI's executor: a re-run with the geometry moved reuses the source's inversion and its
+    recorded generation (the joint attention's image tokens in the source mask, per block and step), evaluates only
+    [target, geometry] and the output, and equals a run from an empty cache bit for bit. Above the reuse cache's
+    budget the generation runs as one [source, output] batch, unrecorded, within float tolerance of the replay."""
+    reuse = harness.loaded("reuse")
+    model, clip, vae = dits["tiny-flux"]
+    rows: list[int] = []
+
+    def spy(executor, x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    tiny["tiny-flux-spied"] = (harness.with_diffusion_wrapper(model, "ha-test-dit-spy", spy), clip, vae)
+    prompt = _graph("tiny-flux-spied")
+    prompt["8"]["inputs"]["renoise_iterations"] = 2
+
+    def run():
+        rows.clear()
+        return harness.run_prompt(prompt)["11"][0]
+
+    reuse.CACHE.clear()
+    run()
+    first = list(rows)
+    prompt["6"]["inputs"]["shift_x"] = 0.0
+    hits = reuse.CACHE.hits
+    moved = run()
+    # 2 steps x 2 ReNoise evaluations of the source, of [target, geometry]; 2 steps of the source, of the output
+    assert first == [1] * 4 + [2] * 4 + [1] * 2 + [1] * 2
+    assert rows == [2] * 4 + [1] * 2 and reuse.CACHE.hits == hits + 2  # the source's inversion and generation
+    reuse.CACHE.clear()
+    assert torch.equal(moved, run()) and rows == first
+    budget = reuse.CACHE.budget
+    try:
+        reuse.CACHE.budget = 1
+        joint = run()
+    finally:
+        reuse.CACHE.budget = budget
+    assert rows == [2] * 4 + [2] * 2  # the source's inversion still reused; [source, output] at each step
+    assert 0 < (joint - moved).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("ckpt", ["tiny-flux-fill", "tiny-sd3", "tiny-chroma"])
 def test_geometry_transfer_nodes_end_to_end_with_cfg(dits, ckpt):
     """The five nodes on a DiT, cond and uncond batched (cfg 2), a block window on the sampler."""

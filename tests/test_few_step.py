@@ -251,7 +251,7 @@ def test_the_sampler_runs_the_schedule_the_inversion_chose(smooth):
         log.clear()
         harness.run_prompt(prompt, executor)  # the inversion comes from the executor's cache: the sampler's calls
         evaluated = sampling.sigma(sampling.timestep(expected[:-1])) if name == "smooth-eps" else expected[:-1]
-        assert len(log) == (8 if name == "smooth-eps" else 4)  # a UNet: sources, then outputs; a DiT: one batch
+        assert len(log) == 8  # sources, then outputs (a DiT too: its sources' generation is recorded as a UNet's)
         assert sorted(set(round(s, 6) for s in log)) == sorted(round(float(s), 6) for s in evaluated)
         path = " > ".join(f"{float(v):.4g}" for v in expected)
         assert text == (f"Schedule: {scheduler}, 4 steps, sigma {path}. Inverted with 3 model evaluations per step "
