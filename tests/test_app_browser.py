@@ -375,10 +375,12 @@ def test_template_browser_lists_the_templates_and_offers_the_missing_checkpoint(
             card = page.locator(CARD.format(title))
             card.wait_for(timeout=30_000)
             assert title in card.inner_text()
-        page.wait_for_function("""(titles) => titles.every(t => {
-            const img = document.querySelector(`[data-testid="template-workflow-${t}"] img`);
-            return img && img.complete && img.naturalWidth > 0 && !img.src.includes('default-template'); })""",
-                               arg=TEMPLATES, timeout=30_000)
+            card.scroll_into_view_if_needed()  # the frontends load a card's thumbnail when it comes into view
+            page.wait_for_function("""(t) => {
+                const img = document.querySelector(`[data-testid="template-workflow-${t}"] img`);
+                return img && img.complete && img.naturalWidth > 0 && !img.src.includes('default-template'); }""",
+                                   arg=title, timeout=30_000)
+        page.locator(CARD.format(TEMPLATES[0])).scroll_into_view_if_needed()
         screenshot(page, "templates_dialog.png", tmp_path)
         assert page.refused == [] and page.errors == [], (page.refused, page.errors)
 
