@@ -6,8 +6,10 @@ the node's placement view, and tests/test_placement_browser.py checks the two ag
   and covers [j - 0.5, j + 0.5] x [i - 0.5, i + 0.5]; x points right, y points down. Masks are binarized at 0.5.
 - The anchor a is the centre of the bounding box of the source mask (`mask_anchor`).
 - The anchor lands at the same relative position on the target, (a + 0.5) * target_size / source_size - 0.5,
+  moved by less than half a pixel so that it keeps its place within a pixel (a whole number of pixels from a:
+  at scale 1 and no rotation, each source pixel lands on one target pixel, a 1 px crack stays 1 px sharp),
   then moves by (shift_x, shift_y) target pixels (`_landing`). The patch keeps its pixel size: only `scale`
-  resizes it.
+  resizes it. Source and target of one size: the anchor stays at a, plus the shift.
 - Scale (uniform) and rotation (degrees, counter-clockwise as seen on screen) act about the anchor:
   t = landing + scale * R (s - a), R = [[cos, sin], [-sin, cos]] (`forward`). `place_source` samples the inverse
   bilinearly and binarizes the moved mask at 0.5.
@@ -90,21 +92,48 @@ def place_source(
     # float64 keeps integer shifts and right-angle rotations exact to the pixel; MPS has no float64.
     work = torch.float32 if source.device.type == "mps" else torch.float64
     anchors = [mask_anchor(m) for m in source_mask]
-    grid = torch.stack([_inverse_grid(a, (h, w), (ht, wt), placement, source.device, work) for a in anchors])
+    # only the target pixels the moved masks can reach are sampled (a phone photo's 12 Mpx would cost seconds);
+    # every pixel is computed on its own, so the values are those of a warp of the whole canvas
+    x0, y0, x1, y1 = _reach([(a, m) for a, m in zip(anchors, source_mask, strict=True)], (h, w), (ht, wt), placement)
+    grid = torch.stack([_inverse_grid(a, (h, w), placement, source.device, work, (ht, wt), (x0, y0, x1, y1))
+                        for a in anchors])
 
-    def warp(x: Tensor) -> Tensor:  # [B,C,H,W] -> [B,C,Ht,Wt]
+    def warp(x: Tensor) -> Tensor:  # [B,C,H,W] -> [B,C,y1-y0,x1-x0]
         return F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     warped = warp(source.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).to(target.dtype)
-    geo_mask = binarize(warp(binarize(source_mask).unsqueeze(1))[:, 0]).to(target.dtype)
+    geo_mask = target.new_zeros(b, ht, wt)
+    geo_mask[:, y0:y1, x0:x1] = binarize(warp(binarize(source_mask).unsqueeze(1))[:, 0]).to(target.dtype)
 
     empty = geo_mask.flatten(1).amax(dim=1) == 0
     if empty.any():
         i = int(torch.nonzero(empty)[0])
         raise ValueError(_off_canvas_message(anchors[i], (h, w), (ht, wt), placement))
 
-    geometry = torch.where(geo_mask.unsqueeze(-1) > 0, warped, target)
+    geometry = target.clone(memory_format=torch.contiguous_format)
+    geometry[:, y0:y1, x0:x1] = torch.where(geo_mask[:, y0:y1, x0:x1].unsqueeze(-1) > 0, warped,
+                                            target[:, y0:y1, x0:x1])
     return geometry, geo_mask
+
+
+def _reach(anchored_masks, src_hw, tgt_hw, p: Placement) -> tuple[int, int, int, int]:
+    """Box (x0, y0, x1, y1), half-open and on the canvas, of the target pixels whose bilinear sample of T^-1 can
+    touch a pixel of any of the masks: the forward image of each mask's box grown by one pixel, and a pixel more."""
+    ht, wt = tgt_hw
+    xs, ys = [], []
+    for anchor, mask in anchored_masks:
+        rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+        if rows.numel() == 0:
+            continue
+        bx0, bx1, by0, by1 = cols[0].item() - 1, cols[-1].item() + 1, rows[0].item() - 1, rows[-1].item() + 1
+        for x, y in forward(anchor, src_hw, tgt_hw, p, [(bx0, by0), (bx1, by0), (bx0, by1), (bx1, by1)]):
+            xs.append(x)
+            ys.append(y)
+    if not xs:
+        return 0, 0, wt, ht
+    x0, y0 = max(0, math.floor(min(xs)) - 1), max(0, math.floor(min(ys)) - 1)
+    x1, y1 = min(wt, math.ceil(max(xs)) + 2), min(ht, math.ceil(max(ys)) + 2)
+    return (x0, y0, max(x0, x1), max(y0, y1)) if x1 > x0 and y1 > y0 else (0, 0, 0, 0)
 
 
 def _common_batch(**tensors: Tensor) -> int:
@@ -142,9 +171,12 @@ def _size(hw) -> str:
 
 
 def _landing(anchor, src_hw, tgt_hw, p: Placement) -> tuple[float, float]:
-    """Where the anchor lands on the target: same relative position (pixel-centre aware), plus the shift."""
+    """Where the anchor lands on the target: same relative position (pixel-centre aware) to the nearest whole
+    pixel offset from the anchor (halves round up), plus the shift."""
     (ax, ay), (h, w), (ht, wt) = anchor, src_hw, tgt_hw
-    return (ax + 0.5) * wt / w - 0.5 + p.shift_x, (ay + 0.5) * ht / h - 0.5 + p.shift_y
+    dx = math.floor((ax + 0.5) * wt / w - 0.5 - ax + 0.5)
+    dy = math.floor((ay + 0.5) * ht / h - 0.5 - ay + 0.5)
+    return ax + dx + p.shift_x, ay + dy + p.shift_y
 
 
 def forward(anchor, src_hw, tgt_hw, p: Placement, points) -> list[tuple[float, float]]:
@@ -158,12 +190,13 @@ def forward(anchor, src_hw, tgt_hw, p: Placement, points) -> list[tuple[float, f
             for x, y in points]
 
 
-def _inverse_grid(anchor, src_hw, tgt_hw, p: Placement, device, dtype) -> Tensor:
-    """For every target pixel, its source position as grid_sample's normalized (x, y): [Ht,Wt,2]."""
-    (ax, ay), (h, w), (ht, wt) = anchor, src_hw, tgt_hw
+def _inverse_grid(anchor, src_hw, p: Placement, device, dtype, tgt_hw, box) -> Tensor:
+    """For every target pixel of `box` (x0, y0, x1, y1), its source position as grid_sample's normalized (x, y):
+    [y1-y0, x1-x0, 2]."""
+    (ax, ay), (h, w), (x0, y0, x1, y1) = anchor, src_hw, box
     tx, ty = _landing(anchor, src_hw, tgt_hw, p)
-    ys = torch.arange(ht, device=device, dtype=dtype).unsqueeze(1)  # [Ht,1], broadcasts against xs
-    xs = torch.arange(wt, device=device, dtype=dtype).unsqueeze(0)  # [1,Wt]
+    ys = torch.arange(y0, y1, device=device, dtype=dtype).unsqueeze(1)  # [h,1], broadcasts against xs
+    xs = torch.arange(x0, x1, device=device, dtype=dtype).unsqueeze(0)  # [1,w]
     dx, dy = xs - tx, ys - ty
     theta = math.radians(p.rotation)
     cos, sin = math.cos(theta), math.sin(theta)

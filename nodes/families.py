@@ -180,6 +180,20 @@ def pixel_step(model) -> int:
     return vae_step(model) * patch_size(model)
 
 
+def native_size(model) -> int:
+    """The side of the square images the model was trained at (the working region's working_size for it): 1024 for
+    SDXL and the DiTs, 768 for SD2.x v-prediction, 512 for SD1.x and SD2.x base."""
+    import comfy.supported_models
+
+    inner = model.model
+    if is_dit(model) or isinstance(inner, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
+        return 1024
+    v_prediction = inner.model_type == comfy.model_base.ModelType.V_PREDICTION
+    if isinstance(inner.model_config, comfy.supported_models.SD20) and v_prediction:
+        return 768
+    return 512
+
+
 def text_width(model) -> int | None:
     """The width of the text tokens a DiT's text input takes (None when the layer does not say: a quantised one)."""
     fam = family(model)

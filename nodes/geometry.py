@@ -6,11 +6,13 @@ Node IDs are workflow identity: never rename one.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 
 from comfy_api.latest import io, ui
 
 from ..attention import color, edit, tokens
+from ..attention import window as working_region
 from ..attention.kv import AUTO_AREA
 from ..attention.roles import BALANCE_MODES, GEOMETRY_PRESERVING_MODES, TEXTURE_ALIGNING_MODES, balance
 from . import families, patch, pipeline, placement_view, renoise, validate
@@ -64,11 +66,13 @@ def logged(notes: list[str]) -> list[str]:
 SMALL_REGION_CELLS = 4.0  # a region with less area than this many latent cells is "small"
 
 
-def region_notes(scene: Scene, cell: int) -> list[str]:
+def region_notes(scene: Scene, cell: int, window: working_region.Window | None = None) -> list[str]:
     """What to tell the user about each mask that is small or thinner than a latent cell (cell x cell pixels):
-    the blend, the inpainting mask and the attention tokens all work per latent cell (attention/tokens.py)."""
+    the blend, the inpainting mask and the attention tokens all work per latent cell (attention/tokens.py).
+    `scene` is what the model runs on; `window` the working region it was resampled from (None: its own pixels)."""
     height, width = scene.target.shape[1:3]
     h, w = height // cell, width // cell
+    working = window is not None and window.working_size > 0
     notes = []
     for name, masks in (("source_mask", scene.source_mask), ("geometry_mask", scene.geometry_mask)):
         for row, (kept, area, mean) in enumerate(tokens.summary(masks, h, w)):
@@ -77,13 +81,47 @@ def region_notes(scene: Scene, cell: int) -> list[str]:
             what = " and ".join(w for w, on in (("small", area < SMALL_REGION_CELLS),
                                                 ("thinner than a latent cell", mean < 0.5)) if on)
             label = f"{name} {row}" if masks.shape[0] > 1 else name
+            counts = (f"{int(masks[row].sum())} px, {area:.1f} cells' worth of area, carried on {kept} latent cells "
+                      f"that it covers {mean:.0%} on average. The blend, the inpainting mask and the attention tokens "
+                      f"work per latent cell, so this geometry is kept only to about a cell.")
+            if not working:
+                notes.append(
+                    f"{label} is {what} for the {w}x{h} latent grid ({cell}x{cell} px cells): {counts} For finer "
+                    f"detail, upscale source and target (e.g. ImageScaleBy 2x before HA_GeometryImageEdit) or dilate "
+                    f"the mask (GrowMask) to at least {cell} px wide.")
+                continue
+            span = cell / window.factor  # full-resolution pixels per latent cell
             notes.append(
-                f"{label} is {what} for the {w}x{h} latent grid ({cell}x{cell} px cells): {int(masks[row].sum())} px, "
-                f"{area:.1f} cells' worth of area, carried on {kept} latent cells that it covers {mean:.0%} on average. "
-                f"The blend, the inpainting mask and the attention tokens work per latent cell, so this geometry is "
-                f"kept only to about a cell. For finer detail, upscale source and target (e.g. ImageScaleBy 2x before "
-                f"HA_GeometryImageEdit) or dilate the mask (GrowMask) to at least {cell} px wide."
-            )
+                f"{label} is {what} for the {w}x{h} latent grid of the working region ({cell}x{cell} px cells of the "
+                f"canvas, each {span:.1f}x{span:.1f} px of the full-resolution image: {window.describe()}): "
+                f"{counts} For finer detail, raise working_size or lower context on HA_GeometryImageEdit (more canvas "
+                f"pixels per image pixel) or dilate the mask (GrowMask) to at least {math.ceil(span)} px wide.")
+    return notes
+
+
+def working_notes(scene: Scene, native_size: int) -> list[str]:
+    """What the working region (scene.window) does that the user should know: an upscale it had to limit, a source
+    mask it cuts, a working size unlike the model's own (`native_size` px a side)."""
+    win, notes = scene.window, []
+    if win.upscale_limited:
+        ht, wt = win.target_hw
+        notes.append(
+            f"working region: the {wt}x{ht} target is too small for working_size {win.working_size} (a window is "
+            f"enlarged at most {working_region.MAX_UPSCALE:g}x), so the model works on {win.describe()}, below its "
+            f"working size: give a target of at least {math.ceil(win.working_size / working_region.MAX_UPSCALE)} px "
+            "a side, or lower working_size.")
+    elif win.working_size and win.working_size != native_size:
+        notes.append(f"working region: working_size is {win.working_size} but this model works best at "
+                     f"{native_size} px (set working_size {native_size} on HA_GeometryImageEdit).")
+    bh, bw = win.size_hw
+    for row, mask in enumerate(scene.source_mask):
+        x0, y0, x1, y1 = working_region.mask_box(mask)
+        if x1 - x0 > bw or y1 - y0 > bh:
+            label = f"source_mask {row}" if scene.source_mask.shape[0] > 1 else "source_mask"
+            notes.append(
+                f"{label} spans {x1 - x0}x{y1 - y0} px, more than the {bw}x{bh} window cut from its source (the "
+                "target's size): the part outside it is left out of the transfer. Set working_size on "
+                "HA_GeometryImageEdit (its window grows to hold the whole mask) or scale the source down.")
     return notes
 
 
@@ -120,6 +158,31 @@ def placement_inputs() -> list:
     ]
 
 
+def working_region_inputs() -> list:
+    """HA_GeometryImageEdit's working region (attention/window.py): optional, off by default (saved workflows keep
+    their results)."""
+    return [
+        io.Int.Input("working_size", default=0, min=0, max=4096, step=64, optional=True,
+                     tooltip="The working region. 0: the method runs on the whole target at its own pixels. Else on "
+                             "a window of the target around the geometry (all of them, with HA_AddGeometry) and its "
+                             "context, resampled to about working_size x working_size px, the model's own size: 512 "
+                             "for SD1.x, 768 for SD2.x v-prediction, 1024 for SDXL, Flux and SD3. Connect this scene "
+                             "to HA_DetailPreservingComposite: it puts the result back into the full-resolution "
+                             "target."),
+        io.Float.Input("context", default=working_region.CONTEXT, min=0.0, max=4.0, step=0.05, optional=True,
+                       tooltip="Working region: the target around the geometry that the model sees, on each side, as "
+                               f"a fraction of the geometry's larger side (at least {working_region.MIN_MARGIN} px). "
+                               "More context matches the texture over a wider area, at fewer canvas pixels per "
+                               "image pixel."),
+    ]
+
+
+def check_working_size(working_size: int) -> None:
+    if 0 < working_size < 64:
+        raise ValueError(f"working_size is {working_size}: give 0 (the whole target at its own pixels) or a size of "
+                         "64 px or more (512 for SD1.x, 1024 for SDXL, Flux and SD3)")
+
+
 class GeometryImageEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -129,7 +192,8 @@ class GeometryImageEdit(io.ComfyNode):
             category=CATEGORY,
             description="Places the crack, hole, scratch or other defect of the source photo on the target photo: cuts "
                         "the source by its mask and moves it by shift / scale / rotation (drag it in the node's "
-                        "placement view). Gives the pasted preview and the scene the next steps use. Paper: the "
+                        "placement view). Source and target may have any sizes: at scale 1 a source pixel stays a "
+                        "target pixel. Gives the pasted preview and the scene the next steps use. Paper: the "
                         "geometry image and its mask M_geo = T(M_src).",
             **search_aliases(DEFECT_WORDS, "place", "paste", "geometry image edit"),
             inputs=[
@@ -137,6 +201,7 @@ class GeometryImageEdit(io.ComfyNode):
                 io.Mask.Input("source_mask", tooltip="1 on the geometry to transfer; binarised at 0.5. Same size as source."),
                 io.Image.Input("target", tooltip="The image that receives the geometry and keeps its own texture."),
                 *placement_inputs(),
+                *working_region_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="geometry", tooltip="The moved source patch pasted on the target (for preview)."),
@@ -146,12 +211,13 @@ class GeometryImageEdit(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, source, source_mask, target, shift_x, shift_y, scale, rotation) -> io.NodeOutput:
+    def execute(cls, source, source_mask, target, shift_x, shift_y, scale, rotation, working_size=0,
+                context=working_region.CONTEXT) -> io.NodeOutput:
+        check_working_size(working_size)
         validate.image("source", source)
         validate.image("target", target)
         validate.mask("source_mask", source_mask)
-        validate.same_size("source_mask", source_mask, "source", source,
-                           "resize the mask to the image (e.g. with ImageScale / a mask resize node)")
+        validate.source_mask(source_mask, source)
         validate.batches("source_mask", source_mask.shape[0], "source", source.shape[0])
         validate.batches("source", source.shape[0], "target", target.shape[0])
         source, target = source[..., :3], target[..., :3]
@@ -164,8 +230,9 @@ class GeometryImageEdit(io.ComfyNode):
         scene = Scene(
             source=source, source_mask=edit.binarize(source_mask),
             target=target.expand(pairs, -1, -1, -1) if target.shape[0] != pairs else target,
-            geometry=geometry, geometry_mask=geometry_mask,
+            geometry=geometry, geometry_mask=geometry_mask, working_size=working_size, context=context,
         )
+        logging.info("Harmonizing Attention: the model will run on %s", scene.window.describe())
         return io.NodeOutput(geometry, geometry_mask, scene, ui=placement_view.ui_output(source, source_mask, target))
 
 
@@ -276,17 +343,15 @@ class TextureAligningInversion(io.ComfyNode):
         validate.unet(model)
         validate.conditioning_width(model, conditioning, "the conditioning")
         validate.inpaint_conditioning_free(conditioning, "HA_TextureAligningInversion")
-        validate.same_size("source", scene.source, "target", scene.target,
-                           "source and target are inverted in one batch: scale the source to the target's size "
-                           "(ImageScale) before HA_GeometryImageEdit")
         validate.vae(model, vae)
-        validate.latent_size("target", scene.target, model)
         renoise.check(renoise_iterations, renoise_average)
         check_dit_window(dit_block_start, dit_block_end)
         weights, report = _balance(balance, balance_weight), []
+        work = pipeline.working_scene(scene, families.pixel_step(model))
         notes = logged(patch.model_notes(model, "HA_TextureAligningInversion", renoise.STEP_CACHES)
-                       + region_notes(scene, vae.spacial_compression_encode()))
-        inverted = pipeline.invert(model, vae, conditioning, scene, steps, renoise_iterations, renoise_average,
+                       + working_notes(scene, families.native_size(model))
+                       + region_notes(work, vae.spacial_compression_encode(), scene.window))
+        inverted = pipeline.invert(model, vae, conditioning, work, steps, renoise_iterations, renoise_average,
                                    attention, (dit_block_start, dit_block_end), balance=weights, report=report,
                                    scheduler=scheduler)
         ran, *warned = renoise.schedule_notes(model, scheduler, inverted.scheduler, steps, inverted.sigmas, renoise_iterations)
@@ -406,7 +471,7 @@ class AddGeometry(io.ComfyNode):
             **search_aliases(DEFECT_WORDS, "add geometry", "several", "multiple"),
             inputs=[
                 SceneType.Input("scene", tooltip="From HA_GeometryImageEdit or another HA_AddGeometry."),
-                io.Image.Input("source", tooltip="The image holding this geometry; the same size as the scene's sources."),
+                io.Image.Input("source", tooltip="The image holding this geometry (any size)."),
                 io.Mask.Input("source_mask", tooltip="1 on the geometry to transfer; binarised at 0.5. Same size as source."),
                 *placement_inputs(),
             ],
@@ -424,10 +489,7 @@ class AddGeometry(io.ComfyNode):
                              "chain), then HA_ColorShift once, so each geometry is shifted exactly once by its own rings")
         validate.image("source", source)
         validate.mask("source_mask", source_mask)
-        validate.same_size("source_mask", source_mask, "source", source,
-                           "resize the mask to the image (e.g. with ImageScale / a mask resize node)")
-        validate.same_size("source", source, "the scene's first source", scene.source,
-                           "every source is inverted in one batch: scale it to the same size (ImageScale)")
+        validate.source_mask(source_mask, source)
         validate.batches("source_mask", source_mask.shape[0], "source", source.shape[0])
         pairs, n = scene.geometry.shape[0], max(source.shape[0], source_mask.shape[0])
         if n not in (1, pairs):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Optional
 
 import logging
@@ -20,6 +21,7 @@ import latent_preview
 import node_helpers
 
 from ..attention import edit, inversion
+from ..attention import window as working_region
 from ..attention.kv import Balance
 from ..attention.roles import PairLayout, RowPlan, geometry_preserving_rules, texture_aligning_rules
 from ..attention.tokens import blend, latent_mask
@@ -41,16 +43,27 @@ class Scene:
     With G geometries per target (HA_AddGeometry), S = G or G * P source rows, pair-major (row p * G + g;
     see roles.PairLayout), `geometry` holds every patch composited in order (later on top) and
     `geometry_mask` their union; `placed_masks` keeps each geometry's own M_geo_g.
+
+    Sources (Hs x Ws) may have another size than the target (H x W). The model runs on the working canvas of
+    `window` (attention/window.py: the working region, planned from the masks with `working_size` and `context`);
+    `working_scene` resamples the scene onto it and HA_DetailPreservingComposite takes the result back.
     """
 
-    source: torch.Tensor  # [S, H, W, 3]
-    source_mask: torch.Tensor  # [S, H, W], binary
+    source: torch.Tensor  # [S, Hs, Ws, 3]
+    source_mask: torch.Tensor  # [S, Hs, Ws], binary
     target: torch.Tensor  # [P, H, W, 3]
     geometry: torch.Tensor  # [P, H, W, 3], the transformed source(s) pasted on the target
     geometry_mask: torch.Tensor  # [P, H, W], binary: M_geo = T(M_src) (the union of all M_geo_g)
     geometries: int = 1
     placed_masks: Optional[torch.Tensor] = None  # [P, G, H, W], binary M_geo_g; None with one geometry
     color_adjusted: bool = False  # HA_ColorShift ran (geometries can no longer be added)
+    working_size: int = 0  # 0: the whole target at its own pixels
+    context: float = working_region.CONTEXT
+
+    @cached_property
+    def window(self) -> working_region.Window:
+        """The working region of this scene's geometries (planned once per scene: every change makes a new Scene)."""
+        return working_region.plan(self.geometry_mask, self.source_mask, self.working_size, self.context)
 
     @property
     def layout(self) -> PairLayout:
@@ -99,15 +112,21 @@ def add_geometry(scene: Scene, source: torch.Tensor, source_mask: torch.Tensor, 
     """The scene with one more geometry: the source's masked patch placed on the target and pasted over
     the scene's geometry image (on top of every earlier geometry where they overlap).
 
-    source [1 or P, H, W, 3] at the size of the scene's sources; source_mask [1 or that batch, H, W]. The
-    source rows stay one per geometry while every geometry has a single source, else become one per
-    geometry and pair (roles.PairLayout)."""
+    source [1 or P, Hs, Ws, 3] of any size; source_mask [1 or that batch, Hs, Ws]. The source rows stay one per
+    geometry while every geometry has a single source, else become one per geometry and pair (roles.PairLayout).
+    Sources of different sizes are padded at the right and bottom (border repeated, mask 0) to the largest: the
+    source rows run at one size; each was placed at its own."""
     pairs, g = scene.geometry.shape[0], scene.geometries
     n = max(source.shape[0], source_mask.shape[0])
     source, source_mask = source[..., :3].expand(n, -1, -1, -1), edit.binarize(source_mask).expand(n, -1, -1)
     placed, mask = edit.place_source(source, source_mask, scene.target, placement)  # [P, H, W, 3], [P, H, W]
     geometry = torch.where(mask[..., None] > 0, placed, scene.geometry)
     earlier = scene.placed_masks if scene.placed_masks is not None else scene.geometry_mask[:, None]
+    size = tuple(max(a, b) for a, b in zip(scene.source.shape[1:3], source.shape[1:3], strict=True))
+    scene = replace(scene, source=working_region.crop(scene.source, [(0, 0)], size),
+                    source_mask=working_region.crop(scene.source_mask, [(0, 0)], size, mask=True))
+    source, source_mask = working_region.crop(source, [(0, 0)], size), working_region.crop(source_mask, [(0, 0)], size,
+                                                                                           mask=True)
     if n == 1 and scene.source.shape[0] == g:  # every geometry keeps one source for all pairs
         sources, source_masks = torch.cat([scene.source, source]), torch.cat([scene.source_mask, source_mask])
     else:
@@ -120,6 +139,29 @@ def add_geometry(scene: Scene, source: torch.Tensor, source_mask: torch.Tensor, 
     return replace(scene, source=sources, source_mask=source_masks, geometry=geometry,
                    geometry_mask=torch.maximum(scene.geometry_mask, mask), geometries=g + 1,
                    placed_masks=torch.cat([earlier, mask[:, None]], 1))
+
+
+def working_scene(scene: Scene, multiple: int) -> Scene:
+    """The scene on its window's working canvas, padded at right and bottom to sides that are multiples of
+    `multiple` (the model's pixel step): what the model runs on. The scene's own tensors when the window is the
+    whole target at its own size, the sources have that size and no padding is needed."""
+    win = scene.window
+    size, box = win.size_hw, [win.box[:2]]
+
+    def image(t, origins):
+        return working_region.pad(working_region.resample_image(working_region.crop(t, origins, size), win.canvas_hw),
+                                  multiple)
+
+    def mask(t, origins):
+        cut = working_region.crop(t, origins, size, mask=True)
+        return working_region.pad(working_region.resample_mask(cut, win.canvas_hw), multiple, mask=True)
+
+    placed = scene.placed_masks
+    if placed is not None:
+        placed = mask(placed.flatten(0, 1), box).unflatten(0, placed.shape[:2])
+    return replace(scene, source=image(scene.source, win.source_origins), source_mask=mask(scene.source_mask,
+                   win.source_origins), target=image(scene.target, box), geometry=image(scene.geometry, box),
+                   geometry_mask=mask(scene.geometry_mask, box), placed_masks=placed, working_size=0)
 
 
 def model_family(model) -> str:

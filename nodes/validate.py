@@ -34,6 +34,17 @@ def same_size(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, fix: s
         raise ValueError(f"{a_name} is {_hw(a)} (WxH) but {b_name} is {_hw(b)}: {fix}")
 
 
+def source_mask(mask: torch.Tensor, source: torch.Tensor) -> None:
+    """The source mask has the source's size. ComfyUI's Load Image gives an empty 64x64 MASK for an image without alpha
+    (a JPEG, or a PNG never painted in the mask editor): say that, not "resize the mask"."""
+    if tuple(mask.shape[-2:]) == (64, 64) and tuple(source.shape[1:3]) != (64, 64) and not mask.any():
+        raise ValueError(
+            f"source_mask is an empty 64x64 mask but source is {_hw(source)}: the source's Load Image gives that when "
+            "its image has no painted mask (no alpha, e.g. a JPEG). Paint the crack in the mask editor (right-click the "
+            "Load Image > Open in MaskEditor, paint, Save), or connect a Load Image (as Mask) of a mask file")
+    same_size("source_mask", mask, "source", source, "resize the mask to the image (e.g. with ImageScale / a mask resize node)")
+
+
 def batches(a_name: str, a: int, b_name: str, b: int) -> None:
     if a != b and 1 not in (a, b):
         raise ValueError(

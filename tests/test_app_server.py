@@ -26,8 +26,6 @@ def quick(prompt: dict, steps: int = 2) -> dict:
             inputs["steps"] = steps
         if "renoise_iterations" in inputs:
             inputs.update(renoise_iterations=1, renoise_average=1)
-        if node["class_type"] == "ImageScale":  # the SDXL workflow scales to 1024 px
-            inputs.update(width=min(inputs["width"], 128), height=min(inputs["height"], 128))
     return prompt
 
 
@@ -86,9 +84,10 @@ def test_shipped_api_workflows_run_with_checkpoint_loader(app_server):
 
 
 def test_sdxl_workflow_runs_with_a_tiny_sdxl_model(app_server):
-    """The shipped SDXL, SD3, Flux Fill, Flux.2, Qwen-Image and Z-Image workflows (CLIPTextEncodeSDXL, FluxGuidance,
-    ImageScale...) as they are, with the loaders swapped for the test pack's tiny models (no checkpoint of those small
-    enough to write exists; see comfy_server.loader_swaps); a family this ComfyUI lacks is left out, with the reason."""
+    """The shipped SDXL, SD3, Flux Fill, Flux.2, Qwen-Image and Z-Image workflows (CLIPTextEncodeSDXL, FluxGuidance, a
+    1024 px working region...) as they are, with the loaders swapped for the test pack's tiny models (no checkpoint of
+    those small enough to write exists; see comfy_server.loader_swaps); a family this ComfyUI lacks is left out, with
+    the reason."""
     paths = [p for p in sorted(WORKFLOWS.glob("api/*.json")) if not comfy_server.runnable(app_server.base,
                                                                                            json.loads(p.read_text()))]
     if not paths:

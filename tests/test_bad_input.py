@@ -68,6 +68,8 @@ def bad_nodes(tiny):
             elif kind == "corner":
                 m = torch.zeros(batch, size, size)
                 m[:, :4, :4] = 1.0
+            elif kind == "empty":  # Load Image's MASK of an image without alpha: an empty 64x64 mask
+                m = torch.zeros(batch, 64, 64)
             elif kind == "pixel":
                 m = torch.zeros(batch, size, size)
                 m[:, 20, 20] = 1.0
@@ -116,6 +118,8 @@ CASES = [
     ("source_rgba", lambda p: image(p, "3", "rgba"), "ok"),
     ("mask_wrong_size", lambda p: mask(p, "box", size=32),
      ["source_mask is 32x32", "source is 64x64", "resize the mask"]),
+    ("mask_of_a_photo_without_alpha", both(lambda p: mask(p, "empty"), lambda p: image(p, "3", "noise", size=96)),
+     ["source_mask is an empty 64x64 mask but source is 96x96", "no painted mask", "Open in MaskEditor"]),
     ("mask_batch_3_source_batch_2", both(lambda p: mask(p, "box", batch=3), lambda p: image(p, "3", "noise", batch=2)),
      ["source_mask has a batch of 3 but source has 2", "the same count"]),
     ("source_batch_2_target_batch_3", both(lambda p: image(p, "3", "noise", batch=2),
@@ -128,8 +132,7 @@ CASES = [
     ("corner_rotated_half_off", both(lambda p: mask(p, "corner"), widget("6", rotation=45.0, shift_x=-2.0)), "ok"),
     ("one_pixel_mask_scaled_down", both(lambda p: mask(p, "pixel"), widget("6", scale=0.05)), "ok"),
     ("scaled_over_the_whole_canvas", widget("6", scale=8.0), ["geometry mask covers the whole 64x64", "unmasked"]),
-    ("source_and_target_sizes_differ", both(lambda p: image(p, "5", "noise", size=96)),
-     ["source is 64x64 (WxH) but target is 96x96", "ImageScale"]),
+    ("source_and_target_sizes_differ", both(lambda p: image(p, "5", "noise", size=96)), "ok"),
     ("image_too_small", both(lambda p: image(p, "3", "noise", size=8), lambda p: image(p, "5", "noise", size=8),
                              lambda p: mask(p, "full", size=8)), ["8x8"]),
     # --- widget values through the API, refused at validation by ComfyUI's own checks

@@ -106,11 +106,11 @@ def test_node_in_the_geometry_graph(tiny):
 
     wrong = {
         "1": {"class_type": "HATest_Image", "inputs": {"name": "checker", "width": 64, "height": 64}},
-        "2": {"class_type": "HATest_Image", "inputs": {"name": "gradient", "width": 56, "height": 64}},
-        "3": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}},
+        "2": {"class_type": "HATest_Image", "inputs": {"name": "gradient", "width": 72, "height": 64}},
+        "3": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 72, "height": 64}},
         "4": {"class_type": "HA_DetailPreservingComposite", "inputs": {
             "image": ["1", 0], "target": ["2", 0], "mask": ["3", 0], "feather": 4.0, "levels": 3}},
         "5": {"class_type": "HATest_Keep", "inputs": {"value": ["4", 0]}},
     }
-    with pytest.raises(harness.PromptError, match="image is 64x64 .* but target is 56x64"):
+    with pytest.raises(harness.PromptError, match="image is 64x64 .* but target is 72x64"):
         harness.run_prompt(wrong)

@@ -409,18 +409,25 @@ def test_appearance_transfer_nodes_on_flux(dits):
 @pytest.mark.parametrize("name", ["flux_fill_geometry_transfer", "sd3_geometry_transfer"])
 def test_shipped_dit_workflows_run_with_tiny_models(dits, name):
     """The shipped API twins as they are, loaders swapped for the tiny Flux Fill / SD3 (comfy_server.swap_loaders),
-    ImageScale at 64 px (the composite's band scaled with it) and 1 step; the UI twins convert to them (test_pipeline
-    checks every workflow). The saved image is the detail-preserving composite: the scaled target's own pixels
-    outside its blend band."""
+    a 64 px working region (the model's canvas) and 1 step; the UI twins convert to them (test_pipeline checks every
+    workflow). The saved image is the detail-preserving composite: the 512 px target's own pixels outside its blend
+    band."""
     out = run_shipped_with_tiny_model(name, "tiny-flux-fill" if "flux" in name else "tiny-sd3")
-    decoded = out["11"][0]
-    assert decoded.shape == (1, 64, 64, 3) and torch.isfinite(decoded).all()
-    assert harness.composite_keeps_target(*out["22" if "flux" in name else "19"], out["15"][0])  # the saved image
+    assert_shipped_dit_output(out, "22" if "flux" in name else "19")
+
+
+def assert_shipped_dit_output(out: dict, composite: str) -> None:
+    """A shipped DiT workflow's outputs (run_shipped_with_tiny_model): decoded at the working canvas, and the saved
+    composite the 512 px target's own pixels outside its blend band."""
+    decoded, canvas = out["11"][0], out["7"][1].window.canvas_hw
+    assert decoded.shape == (1, *canvas, 3) and max(canvas) <= 96 and torch.isfinite(decoded).all()
+    image, band = out[composite]
+    assert image.shape == (1, 512, 512, 3) and harness.composite_keeps_target(image, band, out["5"][0])
 
 
 def run_shipped_with_tiny_model(name: str, tiny: str) -> dict:
     """Each node's outputs of workflows/api/<name>.json run as it is, its loaders swapped for the test pack's `tiny`
-    model (comfy_server.swap_loaders), ImageScale at 64 px, 1 step and the composite's band scaled down with it."""
+    model (comfy_server.swap_loaders), a 64 px working region instead of its 1024 px one, and 1 step."""
     import json
 
     import comfy_server
@@ -430,12 +437,11 @@ def run_shipped_with_tiny_model(name: str, tiny: str) -> dict:
     prompt = comfy_server.swap_loaders(json.loads((harness.PACK_ROOT / "workflows" / "api" / f"{name}.json").read_text()))
     assert {n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "HATest_TinyCheckpoint"} == {tiny}
     for node in prompt.values():
-        if node["class_type"] == "ImageScale":
-            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "HA_GeometryImageEdit":
+            assert node["inputs"]["working_size"] == 1024
+            node["inputs"]["working_size"] = 64
         if node["class_type"] == "HA_TextureAligningInversion":
             node["inputs"].update(steps=1, renoise_iterations=1)
-        if node["class_type"] == "HA_DetailPreservingComposite":  # its 1024 px band would cover a 64 px image
-            node["inputs"].update(feather=2.0, levels=2)
     return harness.run_prompt(prompt)
 
 

@@ -277,24 +277,23 @@ def test_unsupported_family_fails_at_the_first_model_node(families):
 
 
 def test_shipped_sdxl_workflow(families):
-    """The SDXL API twin with tiny SDXL swapped in. At its own 1024 x 1024 up to the colour shift (the 512 px
-    examples, the mask scaled along and kept binary); then whole, with ImageScale set to 64 px and 1 step
+    """The SDXL API twin with tiny SDXL swapped in. Up to the colour shift as shipped: the 512 px examples at their own
+    size, the model's 1024 px canvas planned by the working region; then whole, with a 64 px working region and 1 step
     (a 1024 px VAE and UNet pass take minutes on this CPU)."""
     prompt = shipped("api/geometry_transfer_sdxl.json", ckpt="tiny-sdxl")
-    scales = [node for node in prompt.values() if node["class_type"] == "ImageScale"]
-    assert len(scales) == 3 and all((n["inputs"]["width"], n["inputs"]["height"]) == (1024, 1024) for n in scales)
     front = {k: v for k, v in prompt.items() if v["class_type"] not in (
-        "HA_TextureAligningInversion", "HA_LatentBlend", "HA_GeometryPreservingSampler", "VAEDecode", "SaveImage")}
+        "HA_TextureAligningInversion", "HA_LatentBlend", "HA_GeometryPreservingSampler", "VAEDecode", "SaveImage",
+        "HA_DetailPreservingComposite")}
     out = harness.run_prompt(front)
     geometry_mask, scene = out["6"][1], out["7"][1]
-    assert out["7"][0].shape == (1, 1024, 1024, 3) and geometry_mask.shape == (1, 1024, 1024)
+    assert out["7"][0].shape == (1, 512, 512, 3) and geometry_mask.shape == (1, 512, 512)
     assert set(scene.source_mask.unique().tolist()) == {0.0, 1.0}
-    assert scene.source.shape == scene.target.shape == (1, 1024, 1024, 3)
+    assert scene.window.canvas_hw == (1024, 1024)  # SDXL's size: the whole 512 px target, enlarged 2x
 
-    for node in scales:
-        node["inputs"].update(width=64, height=64)
+    prompt["6"]["inputs"]["working_size"] = 64
     out = harness.run_prompt(small(prompt, steps=1, iterations=1))
-    assert out["11"][0].shape == (1, 64, 64, 3) and torch.isfinite(out["11"][0]).all()
+    assert out["11"][0].shape[1:3] == out["7"][1].window.canvas_hw and torch.isfinite(out["11"][0]).all()
+    assert out["19"][0].shape == (1, 512, 512, 3)
 
 
 def test_downscale_is_a_power_of_two_for_any_latent_size():

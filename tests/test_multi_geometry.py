@@ -163,8 +163,12 @@ def test_add_geometry_refuses_bad_inputs(comfy):
     shifted = ColorShift.execute(scene, "mean_shift", 0.5, 2).args[1]
     with pytest.raises(ValueError, match="add every geometry first"):
         AddGeometry.execute(shifted, src_a, mask_a, 0.0, 0.0, 1.0, 0.0)
-    with pytest.raises(ValueError, match=r"source is 32x32 \(WxH\) but the scene's first source is 48x48"):
-        AddGeometry.execute(scene, src_a[:, :32, :32], mask_a[:, :32, :32], 0.0, 0.0, 1.0, 0.0)
+    # a source of another size is placed at its own (its anchor at the same relative place, to a whole pixel offset),
+    # its row padded to the scene's sources' size
+    grown = AddGeometry.execute(scene, src_a[:, :32, :32], mask_a[:, :32, :32], 0.0, 0.0, 1.0, 0.0).args[2]
+    assert grown.source.shape == (2, 48, 48, 3) and torch.equal(grown.source[1, :32, :32], src_a[0, :32, :32])
+    assert torch.equal(grown.source_mask[1], box(48, 10, 22, 10, 22)[0]) and torch.equal(grown.source[0], src_a[0])
+    assert torch.equal(grown.placed_masks[0, 1], box(48, 18, 30, 18, 30)[0])
     with pytest.raises(ValueError, match="source has a batch of 3 but the scene has 1 targets"):
         AddGeometry.execute(scene, src_a.expand(3, -1, -1, -1), mask_a, 0.0, 0.0, 1.0, 0.0)
 
@@ -230,6 +234,8 @@ def test_shipped_multi_geometry_workflow(tiny):
     prompt["12"]["inputs"]["filename_prefix"] = "shipped_multi/multi_geometry_transfer"
     out = harness.run_prompt(prompt)
     assert out["10"][1]["samples"].shape[0] == 3  # one inversion, one generation: three source rows
-    assert out["11"][0].shape == (1, 64, 64, 3) and torch.isfinite(out["11"][0]).all()
-    assert harness.composite_keeps_target(*out["16"], out["5"][0])  # the saved image, over the union's blend band
+    canvas = out["7"][1].window.canvas_hw  # the working region: the 64 px target enlarged (at most 2x)
+    assert out["11"][0].shape == (1, *canvas, 3) and canvas == (128, 128) and torch.isfinite(out["11"][0]).all()
+    assert out["16"][0].shape == (1, 64, 64, 3)  # the saved image: the target outside the union's blend band
+    assert harness.composite_keeps_target(*out["16"], out["5"][0])
     assert all(m.any() for m in out["7"][1].placed_masks[0])

@@ -287,13 +287,13 @@ def test_gestures_write_the_widgets_and_the_run_matches_the_view(browser_page, a
     typed = page.evaluate(VIEW, EDIT)
     assert abs(view["anchor"][0] - typed["anchor"][0] - 4 * k) < 0.01 and typed["anchor"][1] == view["anchor"][1]
 
-    # the saved workflow and the API prompt carry the four widgets, nothing else
+    # the saved workflow and the API prompt carry the four widgets (and the working region's, as shipped), nothing else
     serialized = page.evaluate(f"() => window.app.graph.serialize().nodes.find(n => n.id === {EDIT})")
     values = page.evaluate(WIDGETS, EDIT)
-    assert serialized["widgets_values"] == [values[n] for n in ("shift_x", "shift_y", "scale", "rotation")]
+    assert serialized["widgets_values"] == [values[n] for n in ("shift_x", "shift_y", "scale", "rotation")] + [512, 0.5]
     prompt = api_prompt(page)
     assert set(prompt[str(EDIT)]["inputs"]) == {"source", "source_mask", "target", "shift_x", "shift_y", "scale",
-                                                "rotation"}
+                                                "rotation", "working_size", "context"}
     assert page.errors == [], page.errors
 
     # run the image nodes and the edit; M_geo lies where the view put the patch

@@ -5,8 +5,9 @@
 // Pixel-centre coordinates: the pixel at column j, row i has its centre at (x, y) = (j, i); its area is
 // [j - 0.5, j + 0.5] x [i - 0.5, i + 0.5]. Masks are binarised at 0.5.
 // T: the anchor a (centre of the source mask's bounding box) lands at the same relative position on the
-// target, plus the shift; scale and rotation (degrees, counter-clockwise on screen, y pointing down) act
-// about it: t = landing + scale * R (s - a), R = [[cos, sin], [-sin, cos]].
+// target (to the nearest whole pixel offset from a, so that source pixels land on target pixels), plus the
+// shift; scale and rotation (degrees, counter-clockwise on screen, y pointing down) act about it:
+// t = landing + scale * R (s - a), R = [[cos, sin], [-sin, cos]].
 
 /** Binary mask (Uint8Array, 1 = region) from RGBA pixels, as ComfyUI's loaders read it.
  *  channel: "red" | "green" | "blue" | "alpha"; alpha gives 1 - a (LoadImage's MASK output and
@@ -43,10 +44,12 @@ export function anchorOf(bbox) {
   return [(bbox.x0 + bbox.x1) / 2, (bbox.y0 + bbox.y1) / 2]
 }
 
-/** Where the anchor lands on the target (edit._landing): same relative position, then the shift. */
+/** Where the anchor lands on the target (edit._landing): same relative position, to the nearest whole pixel
+ *  offset from the anchor (halves round up), then the shift. Source and target of one size: the anchor. */
 export function landing(anchor, src, tgt, p) {
-  return [(anchor[0] + 0.5) * tgt.width / src.width - 0.5 + p.shift_x,
-          (anchor[1] + 0.5) * tgt.height / src.height - 0.5 + p.shift_y]
+  const dx = Math.floor((anchor[0] + 0.5) * tgt.width / src.width - 0.5 - anchor[0] + 0.5)
+  const dy = Math.floor((anchor[1] + 0.5) * tgt.height / src.height - 0.5 - anchor[1] + 0.5)
+  return [anchor[0] + dx + p.shift_x, anchor[1] + dy + p.shift_y]
 }
 
 /** T: a source point (pixel-centre coordinates) to its target position (edit.forward). */
@@ -110,4 +113,48 @@ export function tidy(name, value) {
     return r === -180 ? 180 : r
   }
   return clamp(Math.round(value), -16384, 16384)
+}
+
+// The working region (attention/window.py's layout, number for number; tests/test_working_region.py compares them).
+export const WORKING_REGION = { context: 0.5, minMargin: 64, maxUpscale: 2, canvasMultiple: 16 }
+
+/** Where the model runs (HA_GeometryImageEdit's working_size and context): the window on the target, the origin of the
+ *  same-sized window on each source, the canvas both are resampled to. geoBox: maskBBox of M_geo (all geometries'
+ *  union) on the target; sourceBoxes: maskBBox of each source mask (inclusive pixel indices, as maskBBox gives).
+ *  Returns {box: [x0, y0, x1, y1] (half-open, target px; it may reach past the target), sourceOrigins: [[x0, y0]...],
+ *  canvas: {width, height}, upscaleLimited}. workingSize 0: the whole target at its own pixels. */
+export function workingWindow(geoBox, sourceBoxes, tgt, src, workingSize, context = WORKING_REGION.context) {
+  const R = WORKING_REGION
+  const open = (b) => [b.x0, b.y0, b.x1 + 1, b.y1 + 1]
+  const geo = open(geoBox), boxes = sourceBoxes.map(open)
+  const sw = Math.max(...boxes.map((b) => b[2] - b[0])), sh = Math.max(...boxes.map((b) => b[3] - b[1]))
+  const place = (centre, size, length) =>
+    Math.min(Math.max(0, length - size), Math.max(Math.min(0, length - size), Math.floor(centre - size / 2 + 0.5)))
+  const multiple = (v) => Math.max(R.canvasMultiple, Math.floor(v / R.canvasMultiple + 0.5) * R.canvasMultiple)
+  let bw, bh, canvas, limited = false
+  if (workingSize <= 0) {
+    bw = tgt.width; bh = tgt.height; canvas = { width: bw, height: bh }
+  } else {
+    const needW = Math.max(geo[2] - geo[0], sw), needH = Math.max(geo[3] - geo[1], sh)
+    const margin = Math.max(R.minMargin, context * Math.max(needW, needH))
+    let fw = needW + 2 * margin, fh = needH + 2 * margin
+    const half = workingSize / R.maxUpscale, least = half * half
+    if (fw * fh < least) {
+      const k = Math.sqrt(least / (fw * fh))
+      fw = fw * k; fh = fh * k
+    }
+    const limW = Math.max(tgt.width, sw), limH = Math.max(tgt.height, sh)
+    bw = Math.min(limW, Math.ceil(fw)); bh = Math.min(limH, Math.ceil(fh))
+    if (bw * bh < least) {
+      if (bw === limW) bh = Math.min(limH, Math.ceil(least / bw))
+      else bw = Math.min(limW, Math.ceil(least / bh))
+    }
+    let f = workingSize / Math.sqrt(bw * bh)
+    limited = f > R.maxUpscale
+    f = Math.min(R.maxUpscale, f)
+    canvas = { width: multiple(bw * f), height: multiple(bh * f) }
+  }
+  const x0 = place((geo[0] + geo[2]) / 2, bw, tgt.width), y0 = place((geo[1] + geo[3]) / 2, bh, tgt.height)
+  const sourceOrigins = boxes.map((b) => [place((b[0] + b[2]) / 2, bw, src.width), place((b[1] + b[3]) / 2, bh, src.height)])
+  return { box: [x0, y0, x0 + bw, y0 + bh], sourceOrigins, canvas, upscaleLimited: limited }
 }
