@@ -5,14 +5,18 @@ and the sampler say on the node that the step cache is suspended there (a warnin
 schedule ran (a note); a click opens every section in a readable box. Nothing covers a widget or another node and
 no node grows. The next run, without the cache, replaces the notes (the sampler's bar is gone); reopening the
 workflow's tab brings them back; Nodes 2.0 (1.49) shows them too.
+
+The README's screenshot of an open box (docs/node_notes.png) is rewritten only on request:
+HA_UPDATE_SCREENSHOTS=1 bash scripts/test.sh tests/test_notes_browser.py. Otherwise the screenshots go to the test's
+temporary folder.
 """
 import json
 import time
 
 import pytest
 import test_app_browser
-from test_app_browser import (LAYOUT, WORKFLOWS, drop_workflow, fast_widgets, overlaps, press_run, run_from_ui, set_widgets,
-                              ui_workflow)
+from test_app_browser import (DOCS, LAYOUT, UPDATE_SCREENSHOTS, WORKFLOWS, drop_workflow, fast_widgets, overlaps, press_run,
+                              run_from_ui, set_widgets, ui_workflow)
 from test_placement_browser import _frontend_version, _show_node
 
 browser_page = test_app_browser.browser_page  # the app page fixture: one headless Chromium per module
@@ -129,7 +133,8 @@ def test_notes_show_on_the_node_and_follow_the_runs(browser_page, app_server, tm
                          [box["x"] + box["width"] / 2, box["y"] + 12])
     node = page.evaluate(NODE_BOX, INVERSION)["rect"]
     left, top = min(node[0], box["x"]) - 10, min(node[1], box["y"]) - 10
-    page.screenshot(path=str(tmp_path / "popup.png"), clip={
+    # the README's screenshot (docs/node_notes.png) is rewritten only on request: HA_UPDATE_SCREENSHOTS=1
+    page.screenshot(path=str(DOCS / "node_notes.png" if UPDATE_SCREENSHOTS else tmp_path / "popup.png"), clip={
         "x": left, "y": top, "width": max(node[0] + node[2], box["x"] + box["width"]) + 10 - left,
         "height": max(node[1] + node[3], box["y"] + box["height"]) + 10 - top})
     page.keyboard.press("Escape")

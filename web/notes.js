@@ -27,7 +27,8 @@ const BAR = 24  // CSS px: the bar's height
 const MARGIN = 5  // CSS px around it inside the node (the frontends' DOM widget margin, on each side)
 const HEIGHT = BAR + 2 * MARGIN  // the widget's height in the node's layout
 const WARNING = { accent: "#f0a030", background: "rgba(240, 160, 48, 0.17)", icon: "⚠", label: "Warning" }
-const INFO = { accent: "#7d8fa8", background: "var(--comfy-input-bg, #222222)", icon: "ⓘ", label: "Note" }
+// the note's "i" in a drawn circle: many systems' fonts (headless Chromium's among them) lack a glyph for ⓘ
+const INFO = { accent: "#7d8fa8", background: "var(--comfy-input-bg, #222222)", icon: "i", circled: true, label: "Note" }
 const FONT = "12px/1.4 sans-serif"  // the widgets' size on the canvas (the bar scales with the graph's zoom)
 const POPUP_FONT = "13px/1.45 sans-serif"  // the open box: the screen's size at any zoom
 
@@ -45,6 +46,17 @@ function sectionsOf(output) {
 }
 
 const styleOf = (level) => (level === "warning" ? WARNING : INFO)
+
+/** The level's icon, in its accent colour. */
+function iconOf(look, parent) {
+  const style = look.circled
+    ? { display: "inline-flex", alignItems: "center", justifyContent: "center", boxSizing: "border-box", width: "13px",
+        height: "13px", borderRadius: "50%", border: `1.5px solid ${look.accent}`, font: "bold 9px/1 serif" }
+    : { fontSize: "13px" }
+  const icon = el("span", { flex: "0 0 auto", color: look.accent, ...style }, parent, "ha-notes-icon")
+  icon.textContent = look.icon
+  return icon
+}
 const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`
 
 /** The key of a node's entry in app.nodeOutputs (a node in a subgraph: "<subgraph id>:<node id>"). */
@@ -64,7 +76,7 @@ class NotesBar {
       font: FONT, color: "var(--input-text, #dddddd)", cursor: "pointer", userSelect: "none", overflow: "hidden" },
     this.element, "ha-notes-bar")
     this.bar.tabIndex = 0
-    this.icon = el("span", { flex: "0 0 auto", fontSize: "13px" }, this.bar, "ha-notes-icon")
+    this.icon = iconOf(INFO, this.bar)
     this.summary = el("span", { flex: "1 1 auto", minWidth: "0", overflow: "hidden", textOverflow: "ellipsis",
       whiteSpace: "nowrap" }, this.bar, "ha-notes-summary")
     this.count = el("span", { flex: "0 0 auto", opacity: "0.75" }, this.bar, "ha-notes-count")
@@ -99,8 +111,9 @@ class NotesBar {
     const look = styleOf(first.level)
     Object.assign(this.bar.style, { display: "flex", background: look.background, borderLeftColor: look.accent })
     this.bar.dataset.level = first.level
-    this.icon.textContent = look.icon
-    this.icon.style.color = look.accent
+    const icon = iconOf(look)
+    this.icon.replaceWith(icon)
+    this.icon = icon
     this.summary.textContent = first.text.split("\n")[0]
     const more = this.sections.length - 1
     this.count.textContent = more ? `+${more} ▾` : "▾"
@@ -173,9 +186,10 @@ const popup = {
       const item = el("div", { margin: "6px 0 0", padding: "6px 8px", borderRadius: "4px",
         borderLeft: `3px solid ${look.accent}`, background: look.background }, this.box, `ha-note ha-note-${section.level}`)
       item.dataset.level = section.level
-      const label = el("div", { font: "600 11px sans-serif", letterSpacing: "0.04em", textTransform: "uppercase",
-        color: look.accent, marginBottom: "2px" }, item)
-      label.textContent = `${look.icon} ${look.label}`
+      const label = el("div", { display: "flex", alignItems: "center", gap: "5px", font: "600 11px sans-serif",
+        letterSpacing: "0.04em", textTransform: "uppercase", color: look.accent, marginBottom: "2px" }, item)
+      iconOf(look, label)
+      el("span", {}, label).textContent = look.label
       el("div", { whiteSpace: "pre-wrap", overflowWrap: "anywhere" }, item, "ha-note-text").textContent = section.text
     }
   },
