@@ -184,6 +184,10 @@ def test_notes_show_on_the_node_and_follow_the_runs(browser_page, app_server, tm
             assert popup.locator(".ha-note").count() == len(inversion["sections"])
             page.keyboard.press("Escape")
             popup.wait_for(state="detached", timeout=5_000)
+            # a run with nothing to say empties the bar, and the Vue node keeps its size
+            page.evaluate(f"() => window.app.graph.getNodeById({INVERSION}).onExecuted({{ha_notes: []}})")
+            bar.wait_for(state="hidden", timeout=5_000)
+            assert page.locator(f"[data-node-id='{INVERSION}']").bounding_box() == node
         assert page.errors == [], page.errors
     finally:
         page.evaluate(vue, False)  # the server's user settings outlive this module

@@ -70,7 +70,9 @@ class NotesBar {
     this.node = node
     this.sections = []
     this.entry = undefined  // the ui output shown (an app.nodeOutputs entry)
-    this.element = el("div", { width: "100%", height: "100%", display: "flex", alignItems: "center" }, null, "ha-notes")
+    // minHeight: Vue nodes (Nodes 2.0) size a DOM widget by its content; the bar's room stays when it is hidden
+    this.element = el("div", { width: "100%", height: "100%", minHeight: `${BAR}px`, display: "flex", alignItems: "center" },
+                      null, "ha-notes")
     this.bar = el("div", { display: "none", alignItems: "center", gap: "6px", width: "100%", height: `${BAR}px`,
       boxSizing: "border-box", padding: "0 8px 0 6px", borderRadius: "4px", borderLeft: "3px solid",
       font: FONT, color: "var(--input-text, #dddddd)", cursor: "pointer", userSelect: "none", overflow: "hidden" },
