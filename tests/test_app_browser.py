@@ -199,13 +199,18 @@ def fast_widgets(workflow: dict) -> dict:
     return out
 
 
-def run_from_ui(page, app_server, save_node: int, timeout: float = 180.0) -> Path:
-    """Press Run; wait until the SaveImage node shows its image; the file it shows."""
-    page.evaluate(f"() => {{ window.app.graph.getNodeById({save_node}).imgs = undefined; }}")
+def press_run(page) -> None:
+    """Press the frontend's Run button."""
     # the queue button: 1.27.10 wraps its Run button in a split button carrying the test id; 1.49.6 puts the id
     # on the Run button itself and has a second "Run" button (the queue mode menu's trigger)
     queue = page.get_by_test_id("queue-button")
     queue.and_(page.locator("button")).or_(queue.get_by_role("button", name="Run", exact=True)).click()
+
+
+def run_from_ui(page, app_server, save_node: int, timeout: float = 180.0) -> Path:
+    """Press Run; wait until the SaveImage node shows its image; the file it shows."""
+    page.evaluate(f"() => {{ window.app.graph.getNodeById({save_node}).imgs = undefined; }}")
+    press_run(page)
     page.wait_for_function(
         f"""() => {{ const n = window.app.graph.getNodeById({save_node});
             return n.imgs && n.imgs.length > 0 && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; }}""",
