@@ -244,9 +244,9 @@ class AppearanceInversion(io.ComfyNode):
         inverted = invert(model, vae, conditioning, structure, appearance, steps, denoise, renoise_iterations,
                           renoise_average, scheduler)
         total = schedule_steps(steps, denoise)
-        ran = renoise.schedule_notes(model, scheduler, inverted.scheduler, steps, inverted.sigmas, renoise_iterations,
-                                     total=total if total != steps else None)
-        return io.NodeOutput(inverted, ui=_ui_text([*ran, *notes], "", []))
+        ran, *warned = renoise.schedule_notes(model, scheduler, inverted.scheduler, steps, inverted.sigmas,
+                                              renoise_iterations, total=total if total != steps else None)
+        return io.NodeOutput(inverted, ui=_ui_text([ran], "", [], warnings=[*warned, *notes]))
 
 
 def _fraction(name: str, default: float, tooltip: str) -> io.Float.Input:
@@ -383,7 +383,7 @@ class CrossImageSampler(io.ComfyNode):
         notes = logged(model_notes(model, "HA_CrossImageSampler", GUIDANCE_STEP_CACHES))
         out, app, struct = generate(model, positive, negative, inverted, cfg, schedule, contrast, contrast_clip,
                                     output_mask, appearance_mask, (dit_block_start, dit_block_end))
-        return io.NodeOutput({"samples": out}, {"samples": app}, {"samples": struct}, ui=_ui_text(notes, "", []))
+        return io.NodeOutput({"samples": out}, {"samples": app}, {"samples": struct}, ui=_ui_text([], "", [], warnings=notes))
 
 
 NODES = [AppearanceInversion, CrossImageSampler]

@@ -42,12 +42,18 @@ def balance_inputs(reference: str, auto_note: str) -> list:
     ]
 
 
-def _ui_text(notes: list[str], stage: str, balance_lines: list[str]):
-    """The node's UI text: the region notes, then the balance each layer got; None when there is nothing to say."""
-    sections = list(notes)
+def _ui_text(notes: list[str], stage: str, balance_lines: list[str], warnings: list[str] = ()) -> dict:
+    """The node's UI output. "ha_notes": its sections as {"level": "info" | "warning", "text"}: the notes, the warnings
+    (what defeats or degrades the method here and was neutralised), the balance each layer got; always there, so a run
+    with nothing to say replaces the last run's notes. web/notes.js shows them on the node (the frontends draw a "text"
+    output on their PreviewAny node only). "text": the same sections in one string, for API users and /history; absent
+    when there is nothing to say."""
+    sections = [{"level": "info", "text": n} for n in notes] + [{"level": "warning", "text": w} for w in warnings]
     if balance_lines:
-        sections.append(f"{stage} balance per layer (keys, weight, share at equal logits):\n" + "\n".join(balance_lines))
-    return ui.PreviewText("\n\n".join(sections)) if sections else None
+        sections.append({"level": "info", "text": f"{stage} balance per layer (keys, weight, share at equal logits):\n"
+                                                  + "\n".join(balance_lines)})
+    text = ui.PreviewText("\n\n".join(s["text"] for s in sections)).as_dict() if sections else {}
+    return {**text, "ha_notes": sections}
 
 
 def logged(notes: list[str]) -> list[str]:
@@ -348,8 +354,8 @@ class TextureAligningInversion(io.ComfyNode):
         inverted = pipeline.invert(model, vae, conditioning, work, steps, renoise_iterations, renoise_average,
                                    attention, (dit_block_start, dit_block_end), balance=weights, report=report,
                                    scheduler=scheduler)
-        ran = renoise.schedule_notes(model, scheduler, inverted.scheduler, steps, inverted.sigmas, renoise_iterations)
-        return io.NodeOutput(inverted, ui=_ui_text([*ran, *notes], "texture-aligning", report))
+        ran, *warned = renoise.schedule_notes(model, scheduler, inverted.scheduler, steps, inverted.sigmas, renoise_iterations)
+        return io.NodeOutput(inverted, ui=_ui_text([ran], "texture-aligning", report, warnings=[*warned, *notes]))
 
 
 class LatentBlend(io.ComfyNode):
@@ -441,7 +447,7 @@ class GeometryPreservingSampler(io.ComfyNode):
         notes = logged(patch.model_notes(model, "HA_GeometryPreservingSampler", SAMPLER_STEP_CACHES[families.is_dit(model)]))
         out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, (dit_block_start, dit_block_end),
                                      balance=weights, report=report)
-        return io.NodeOutput({"samples": out}, {"samples": src}, ui=_ui_text(notes, "geometry-preserving", report))
+        return io.NodeOutput({"samples": out}, {"samples": src}, ui=_ui_text([], "geometry-preserving", report, warnings=notes))
 
 
 def _balance(mode, weight):

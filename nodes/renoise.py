@@ -68,9 +68,9 @@ def check(renoise_iterations, renoise_average) -> None:
 def schedule_notes(model, scheduler: str, name: str, steps: int, sigmas, iterations: int,
                    total: int | None = None) -> list[str]:
     """What the node says (and logs) about the schedule that ran: the ComfyUI scheduler `name` that the `scheduler`
-    choice gave, its sigmas (descending, last 0) and the model evaluations they cost per row batch; then a warning
-    when it cannot be inverted. `total`: the steps asked of the whole schedule when `sigmas` is its tail (a denoise
-    below 1)."""
+    choice gave, its sigmas (descending, last 0) and the model evaluations they cost per row batch; then, as a second
+    item, a warning when it cannot be inverted. `total`: the steps asked of the whole schedule when `sigmas` is its
+    tail (a denoise below 1)."""
     values = [float(v) for v in sigmas]
     n = len(values) - 1
     which = f"{name} (default)" if scheduler == DEFAULT_SCHEDULER else name

@@ -409,6 +409,10 @@ NODE_EXTRA_HEIGHT = {
     "PreviewImage": 256, "SaveImage": 256,  # the image, once there is one
     # the placement view: as wide as the node, the target's square plus a line of instructions
     "HA_GeometryImageEdit": lambda width: width + 24, "HA_AddGeometry": lambda width: width + 24,
+    # the bar that shows what the node said in its last run (web/notes.js HEIGHT, plus the 4 px the frontends add
+    # under a DOM widget): there from the start, so a run never grows the node over the one below
+    **dict.fromkeys(("HA_TextureAligningInversion", "HA_GeometryPreservingSampler", "HA_AppearanceInversion",
+                     "HA_CrossImageSampler"), 38),
 }
 NODE_WIDTH = {"HA_GeometryImageEdit": 340, "HA_AddGeometry": 340}
 

@@ -199,13 +199,18 @@ def fast_widgets(workflow: dict) -> dict:
     return out
 
 
-def run_from_ui(page, app_server, save_node: int, timeout: float = 180.0) -> Path:
-    """Press Run; wait until the SaveImage node shows its image; the file it shows."""
-    page.evaluate(f"() => {{ window.app.graph.getNodeById({save_node}).imgs = undefined; }}")
+def press_run(page) -> None:
+    """Press the frontend's Run button."""
     # the queue button: 1.27.10 wraps its Run button in a split button carrying the test id; 1.49.6 puts the id
     # on the Run button itself and has a second "Run" button (the queue mode menu's trigger)
     queue = page.get_by_test_id("queue-button")
     queue.and_(page.locator("button")).or_(queue.get_by_role("button", name="Run", exact=True)).click()
+
+
+def run_from_ui(page, app_server, save_node: int, timeout: float = 180.0) -> Path:
+    """Press Run; wait until the SaveImage node shows its image; the file it shows."""
+    page.evaluate(f"() => {{ window.app.graph.getNodeById({save_node}).imgs = undefined; }}")
+    press_run(page)
     page.wait_for_function(
         f"""() => {{ const n = window.app.graph.getNodeById({save_node});
             return n.imgs && n.imgs.length > 0 && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; }}""",
@@ -375,10 +380,12 @@ def test_template_browser_lists_the_templates_and_offers_the_missing_checkpoint(
             card = page.locator(CARD.format(title))
             card.wait_for(timeout=30_000)
             assert title in card.inner_text()
-        page.wait_for_function("""(titles) => titles.every(t => {
-            const img = document.querySelector(`[data-testid="template-workflow-${t}"] img`);
-            return img && img.complete && img.naturalWidth > 0 && !img.src.includes('default-template'); })""",
-                               arg=TEMPLATES, timeout=30_000)
+            card.scroll_into_view_if_needed()  # the frontends load a card's thumbnail when it comes into view
+            page.wait_for_function("""(t) => {
+                const img = document.querySelector(`[data-testid="template-workflow-${t}"] img`);
+                return img && img.complete && img.naturalWidth > 0 && !img.src.includes('default-template'); }""",
+                                   arg=title, timeout=30_000)
+        page.locator(CARD.format(TEMPLATES[0])).scroll_into_view_if_needed()
         screenshot(page, "templates_dialog.png", tmp_path)
         assert page.refused == [] and page.errors == [], (page.refused, page.errors)
 

@@ -41,11 +41,14 @@ def with_cache(prompt: dict, model_inputs, cache: str) -> dict:
 
 
 def run(prompt: dict):
-    """(outputs, {node: the text of its UI output}) of one run through the executor."""
+    """(outputs, {node: the text of its UI output}, {node: the sections of it marked as warnings (web/notes.js shows
+    them amber)}) of one run through the executor."""
     executor = harness.comfy_runtime.new_executor()
     out = harness.run_prompt(prompt, executor)
-    texts = {node: "\n".join(ui["text"]) for node, ui in executor.history_result["outputs"].items() if "text" in ui}
-    return out, texts
+    outputs = executor.history_result["outputs"]
+    texts = {node: "\n".join(ui["text"]) for node, ui in outputs.items() if "text" in ui}
+    warnings = {node: [s["text"] for s in ui.get("ha_notes", []) if s["level"] == "warning"] for node, ui in outputs.items()}
+    return out, texts, warnings
 
 
 def geometry_graph(ckpt="tiny-inpaint", **kw):
@@ -57,8 +60,10 @@ def geometry_graph(ckpt="tiny-inpaint", **kw):
 @pytest.fixture(scope="module")
 def reference(tiny):
     """The cache-free geometry transfer: (inverted latents, output, source reconstruction)."""
-    out, texts = run(geometry_graph())
-    assert not set(texts) & set(MODEL_NODES)  # nothing to say without a cache
+    out, texts, warnings = run(geometry_graph())
+    # without a cache the nodes say what ran (the inversion its schedule, a note), never that something was suspended
+    assert not [w for node in MODEL_NODES for w in warnings[node] if "suspended" in w or "no effect" in w], warnings
+    assert "Schedule: ddim_uniform (default)" in texts["8"]  # the control: the nodes' text is read
     return tensors(out, MODEL_NODES)
 
 
@@ -83,7 +88,7 @@ def test_step_caches_are_suspended_in_the_geometry_transfer(tiny, reference, cac
     prompt["32"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["5", 0], "vae": ["1", 2]}}
     prompt["33"] = {"class_type": "HATest_Keep", "inputs": {"value": ["31", 0]}}
     caplog.set_level(logging.INFO)
-    out, texts = run(prompt)
+    out, texts, _ = run(prompt)
     assert same_run(out, reference), f"{cache}: the pack's result changed"
     name = CACHES[cache][0]
     for node, node_name in MODEL_NODES.items():
@@ -108,7 +113,7 @@ def suspension_off_keeps(prompt, nodes, reference, monkeypatch) -> bool:
     with monkeypatch.context() as m:
         m.setattr(harness.loaded("pipeline"), "without_step_caches", lambda model: model)
         try:
-            out, _ = run(prompt)
+            out, _, _ = run(prompt)
         except harness.PromptError as err:
             assert "HA_" in str(err)
             return False
@@ -127,9 +132,9 @@ def test_a_dit_and_the_appearance_transfer_suspend_them_too(tiny, monkeypatch):
     appearance = appearance_graph(size=32)
     appearance["5"]["inputs"].update(steps=4, renoise_iterations=2)
     for prompt, nodes in ((flux, MODEL_NODES), (appearance, {"5": "HA_AppearanceInversion", "6": "HA_CrossImageSampler"})):
-        plain, _ = run(prompt)
+        plain, _, _ = run(prompt)
         cached = with_cache(prompt, nodes, "easycache-aggressive")
-        out, texts = run(cached)
+        out, texts, _ = run(cached)
         assert all(torch.equal(a, b) for a, b in zip(tensors(out, nodes), tensors(plain, nodes), strict=True))
         for node, node_name in nodes.items():
             assert f"EasyCache on the MODEL is suspended in {node_name}" in texts[node], texts.get(node)
@@ -166,7 +171,7 @@ def test_differential_diffusion_is_reported_as_without_effect(tiny, reference):
     the control: in a KSampler given a soft noise mask the same MODEL does change the result."""
     from test_pipeline import ksampler_graph
 
-    out, texts = run(with_node(geometry_graph(), MODEL_NODES, "DifferentialDiffusion"))
+    out, texts, _ = run(with_node(geometry_graph(), MODEL_NODES, "DifferentialDiffusion"))
     assert same_run(out, reference)
     for node, node_name in MODEL_NODES.items():
         assert f"DifferentialDiffusion (a denoise-mask function on the MODEL) has no effect in {node_name}" \

@@ -13,6 +13,7 @@
 // frontends CSS-scale DOM widgets), so the view is sharp at any zoom.
 import { app } from "../../scripts/app.js"
 import { api } from "../../scripts/api.js"
+import { addViewWidget, chain, el, typeOf } from "./node_dom.js"
 import * as M from "./placement_math.js"
 
 const EDIT = "HA_GeometryImageEdit", ADD = "HA_AddGeometry"
@@ -124,7 +125,6 @@ function viewURL(value, type = "input") {
 // ------------------------------------------------------------------ the graph
 
 const widgetOf = (node, name) => node?.widgets?.find((w) => w.name === name)
-const typeOf = (node) => node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type
 const titleOf = (node) => node?.title || typeOf(node)
 
 /** {origin, link} of the node linked to an input (whatever its mode), or null when the input is not linked. */
@@ -176,15 +176,8 @@ let measure = null  // a 2D context for text widths
 class PlacementView {
   constructor(node) {
     this.node = node
-    const el = (tag, style, parent) => {
-      const e = document.createElement(tag)
-      Object.assign(e.style, style)
-      parent?.appendChild(e)
-      return e
-    }
     this.element = el("div", { position: "relative", width: "100%", height: "100%", display: "flex",
-      flexDirection: "column", overflow: "hidden", borderRadius: "4px", background: "#1b1b1b" })
-    this.element.className = "ha-placement"
+      flexDirection: "column", overflow: "hidden", borderRadius: "4px", background: "#1b1b1b" }, null, "ha-placement")
     this.stage = el("div", { position: "relative", flex: "1 1 auto", minHeight: "0" }, this.element)
     this.canvas = el("canvas", { position: "absolute", inset: "0", width: "100%", height: "100%", outline: "none",
       touchAction: "none", cursor: "default" }, this.stage)
@@ -195,12 +188,10 @@ class PlacementView {
       width: "max-content", maxWidth: "calc(100% - 24px)", maxHeight: "calc(100% - 16px)", overflow: "hidden",
       boxSizing: "border-box", padding: "10px 12px", borderRadius: "6px", background: "rgba(24, 24, 24, 0.9)",
       border: "1px solid #4a4a4a", color: "#dddddd", font: "12.5px/1.45 sans-serif", pointerEvents: "none",
-      display: "none" }, this.stage)
-    this.notice.className = "ha-placement-notice"
+      display: "none" }, this.stage, "ha-placement-notice")
     this.hint = el("div", { flex: `0 0 ${HINT_HEIGHT}px`, lineHeight: `${HINT_HEIGHT}px`, padding: "0 8px",
       font: "11.5px sans-serif", color: "#b8b8b8", background: "#242424", whiteSpace: "nowrap", overflow: "hidden",
-      textOverflow: "ellipsis", textAlign: "center", userSelect: "none" }, this.element)
-    this.hint.className = "ha-placement-hint"
+      textOverflow: "ellipsis", textAlign: "center", userSelect: "none" }, this.element, "ha-placement-hint")
     this.inputs = {}  // role -> {key, channel, data | null, error}
     this.lastRun = null  // role -> url, from the node's last execution
     this.wanted = []  // roles with nothing to show: {role, why: "unlinked" | "run", from}
@@ -695,11 +686,7 @@ app.registerExtension({
     if (!NODES.has(typeOf(node)) || !node.addDOMWidget) return
     const view = new PlacementView(node)
     node.haPlacement = view
-    const widget = node.addDOMWidget("placement", "ha_placement", view.element, {
-      serialize: false, hideOnZoom: false, getMinHeight: () => minHeight(node),
-      getValue: () => "", setValue: () => {},
-    })
-    widget.serialize = false  // neither in widgets_values nor in the API prompt
+    addViewWidget(node, "placement", "ha_placement", view.element, { hideOnZoom: false, getMinHeight: () => minHeight(node) })
     // typing a value moves the overlay at once
     for (const name of PARAMS) {
       const w = widgetOf(node, name)
@@ -711,38 +698,23 @@ app.registerExtension({
         return out
       }
     }
-    const onExecuted = node.onExecuted
-    node.onExecuted = function (output) {
-      onExecuted?.apply(this, arguments)
+    chain(node, "onExecuted", (output) => {
       const items = output?.ha_placement
       if (Array.isArray(items)) {
         view.lastRun = Object.fromEntries(items.filter((i) => i?.role).map((i) =>
           [i.role, api.apiURL(`/view?${new URLSearchParams({ filename: i.filename, type: i.type, subfolder: i.subfolder ?? "" })}`)]))
         view.poll()
       }
-    }
-    const onRemoved = node.onRemoved
-    node.onRemoved = function () {
-      view.stop()
-      return onRemoved?.apply(this, arguments)
-    }
-    const onAdded = node.onAdded
-    node.onAdded = function () {
-      view.start()
-      return onAdded?.apply(this, arguments)
-    }
+    })
+    chain(node, "onRemoved", () => view.stop())
+    chain(node, "onAdded", () => view.start())
     // room for the view, also when a saved workflow (configure) brings the node's old, smaller size
     const fit = () => {
       const [w, h] = node.size
       const min = node.computeSize?.() ?? [w, h]
       if (w < min[0] || h < min[1]) node.setSize?.([Math.max(w, min[0]), Math.max(h, min[1])])
     }
-    const onConfigure = node.onConfigure
-    node.onConfigure = function () {
-      const out = onConfigure?.apply(this, arguments)
-      fit()
-      return out
-    }
+    chain(node, "onConfigure", fit)
     // a new node: wide enough for a view one can place by the pixel (a loaded one gets its saved size next)
     if (node.size[0] < NODE_WIDTH) node.size[0] = NODE_WIDTH
     fit()
