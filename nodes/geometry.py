@@ -446,8 +446,8 @@ class GeometryPreservingSampler(io.ComfyNode):
         weights, report = _balance(balance, balance_weight), []
         notes = logged(patch.model_notes(model, "HA_GeometryPreservingSampler", SAMPLER_STEP_CACHES[families.is_dit(model)]))
         out, src = pipeline.generate(model, positive, negative, inverted, cfg, attention, (dit_block_start, dit_block_end),
-                                     balance=weights, report=report)
-        return io.NodeOutput({"samples": out}, {"samples": src}, ui=_ui_text([], "geometry-preserving", report, warnings=notes))
+                                     balance=weights, report=report, notes=(ran := []))
+        return io.NodeOutput({"samples": out}, {"samples": src}, ui=_ui_text(ran, "geometry-preserving", report, warnings=notes))
 
 
 def _balance(mode, weight):

@@ -509,9 +509,10 @@ def generate_sources(model, positive, negative, inverted: Inverted, cfg: float,
 
 def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: str,
              dit_window: tuple[float, float] = (0.0, 1.0), *, balance: Optional[Balance] = None,
-             report: Optional[list] = None):
+             report: Optional[list] = None, notes: Optional[list] = None):
     """Denoise [sources, blended outputs] with Geometry-preserving Attention; (outputs, sources) latents.
-    `balance` weighs each source's keys (kv.Balance); `report` receives the weights each layer got.
+    `balance` weighs each source's keys (kv.Balance); `report` receives the weights each layer got; `notes` what the
+    node should tell the user (a recording above the reuse cache's budget).
 
     Two passes: the sources (generate_sources, reused across runs), then the outputs, whose attention takes the
     sources' keys/values from the first pass's recording. On a diffusion transformer whose recording
@@ -523,9 +524,13 @@ def generate(model, positive, negative, inverted: Inverted, cfg: float, mode: st
     rules = geometry_preserving_rules(layout, mode, balance)
     recording_bytes = dit_recording_bytes(model, inverted, cfg, dit_window) if is_dit(model) else 0
     if recording_bytes > reuse.CACHE.budget:
-        logging.info("Harmonizing Attention: the sources' recording (%.0f MB) would exceed the reuse cache "
-                     "(HARMONIZING_ATTENTION_CACHE_MB=%.0f): the generation runs as one batch and a re-run recomputes "
-                     "the sources", recording_bytes / 2 ** 20, reuse.CACHE.budget / 2 ** 20)
+        note = (f"the sources' generation recording ({recording_bytes / 2 ** 20:.0f} MiB) exceeds the reuse cache "
+                f"(HARMONIZING_ATTENTION_CACHE_MB={reuse.CACHE.budget / 2 ** 20:.0f}): the generation runs sources and "
+                "outputs as one batch, and a re-run after moving the geometry recomputes the sources' generation (their "
+                "inversion is still reused). Raise HARMONIZING_ATTENTION_CACHE_MB to keep it.")
+        logging.info("Harmonizing Attention: %s", note)
+        if notes is not None and reuse.CACHE.budget > 0:  # 0: the user switched reuse off
+            notes.append(note)
         rows = layout.generation_rows
         x = torch.cat([inverted.latents[: layout.sources], inverted.blended])
         masks = _row_masks(inverted.scene, "generation")

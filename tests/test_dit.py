@@ -419,10 +419,14 @@ def test_a_rerun_replays_the_sources_generation_bit_for_bit(dits, tiny):
     budget = reuse.CACHE.budget
     try:
         reuse.CACHE.budget = 1
-        joint = run()
+        rows.clear()
+        executor = harness.comfy_runtime.new_executor()
+        joint = harness.run_prompt(prompt, executor)["11"][0]
     finally:
         reuse.CACHE.budget = budget
     assert rows == [2] * 4 + [2] * 2  # the source's inversion still reused; [source, output] at each step
+    said = "\n".join(executor.history_result["outputs"]["10"]["text"])
+    assert "recording" in said and "exceeds the reuse cache" in said, said  # the sampler says so
     assert 0 < (joint - moved).abs().max() < 1e-4
 
 
