@@ -327,15 +327,16 @@ def with_masks(prompt, size=64, out_box=(8, 40, 16, 56), app_box=(0, 64, 0, 32),
 
 
 def test_shipped_appearance_workflow_runs_end_to_end(tiny):
-    """The API twin as shipped (paper defaults), the tiny model swapped in, steps lowered to 2 (the only change)."""
+    """The API twin as shipped (paper defaults), the tiny model swapped in, steps lowered to 2 and ReNoise to 2
+    iterations (the only changes)."""
     import folder_paths
     from PIL import Image
     from test_pipeline import shipped
 
     prompt = shipped("api/appearance_transfer.json", ckpt="tiny")
     inversion = [n for n in prompt.values() if n["class_type"] == "HA_AppearanceInversion"]
-    assert len(inversion) == 1 and inversion[0]["inputs"]["steps"] == 50
-    inversion[0]["inputs"]["steps"] = 2  # 1 step outside the windows, 1 inside
+    assert len(inversion) == 1 and (inversion[0]["inputs"]["steps"], inversion[0]["inputs"]["renoise_iterations"]) == (50, 5)
+    inversion[0]["inputs"].update(steps=2, renoise_iterations=2)  # 1 step outside the windows, 1 inside
     out = harness.run_prompt(prompt)
     image = out["7"][0]
     assert image.shape == (1, 512, 512, 3) and torch.isfinite(image).all()
