@@ -166,6 +166,17 @@ def _show_node(page, node_id=EDIT, scale=1.0) -> None:
     time.sleep(0.4)
 
 
+def _run_m_geo(app_server, prompt: dict, name: str) -> tuple[dict, np.ndarray]:
+    """(the history entry, M_geo) as the server computes them: the workflow's image nodes and the edit node run, its
+    mask saved and read."""
+    graph = {k: prompt[k] for k in ("3", "5", str(EDIT))}
+    graph["20"] = {"class_type": "MaskToImage", "inputs": {"mask": [str(EDIT), 1]}}
+    graph["21"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": f"ha_placement/{name}"}}
+    entry = app_server.run(graph, timeout=60)
+    assert error_of(entry) is None, error_of(entry)
+    return entry, _saved_mask(app_server, entry, "21")
+
+
 def _saved_mask(app_server, entry, node: str) -> np.ndarray:
     """The mask a SaveImage node of a finished run wrote (MaskToImage upstream), as bool [H, W]."""
     from PIL import Image
@@ -298,12 +309,7 @@ def test_gestures_write_the_widgets_and_the_run_matches_the_view(browser_page, a
 
     # run the image nodes and the edit; M_geo lies where the view put the patch
     view = page.evaluate(VIEW, EDIT)
-    graph = {k: prompt[k] for k in ("3", "5", str(EDIT))}
-    graph["20"] = {"class_type": "MaskToImage", "inputs": {"mask": [str(EDIT), 1]}}
-    graph["21"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "ha_placement/m_geo"}}
-    entry = app_server.run(graph, timeout=60)
-    assert error_of(entry) is None, error_of(entry)
-    m_geo = _saved_mask(app_server, entry, "21")
+    entry, m_geo = _run_m_geo(app_server, prompt, "m_geo")
     m_src = _source_mask(app_server, prompt)
     shown = _shown(page, EDIT, m_src)
     p = view["params"]
@@ -533,12 +539,7 @@ def test_a_mask_painted_in_the_mask_editor_reaches_the_view_and_the_run(browser_
     shown = _shown_at(page, EDIT, _forward(page, EDIT, inner))
     assert len(inner) > 20 and _near(shown, colours.astype(int), inner, slack=6).all(), shown[:4]
 
-    graph = {k: prompt[k] for k in ("3", "5", str(EDIT))}
-    graph["20"] = {"class_type": "MaskToImage", "inputs": {"mask": [str(EDIT), 1]}}
-    graph["21"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "ha_placement/painted"}}
-    entry = app_server.run(graph, timeout=60)
-    assert error_of(entry) is None, error_of(entry)
-    m_geo = _saved_mask(app_server, entry, "21")
+    _, m_geo = _run_m_geo(app_server, prompt, "painted")
     (gx, gy), (sx, sy) = _centroid(m_geo), _shown(page, EDIT, painted).mean(axis=0)
     assert math.hypot(gx - sx, gy - sy) < 1.0, ((gx, gy), (sx, sy))
     assert abs(m_geo.sum() / (painted.sum() * 1.3 ** 2) - 1) < 0.15, (m_geo.sum(), painted.sum())
