@@ -181,10 +181,6 @@ class PairLayout:
         first = pair * self.geometries if self.sources > self.geometries else 0
         return list(range(first, first + self.geometries))
 
-    def source_of(self, pair: int) -> int:
-        """The pair's first (with one geometry: only) source row."""
-        return self.sources_of(pair)[0]
-
     # row indices
     def src(self, i: int) -> int:
         return i

@@ -169,6 +169,13 @@ def patch_size(model) -> int:
     return int(getattr(model.get_model_object("diffusion_model"), "patch_size", 2))
 
 
+def token_grid(latent_hw, patch: int) -> tuple[int, int]:
+    """(h, w) image tokens of a latent of latent_hw (h, w) cells patchified patch x patch (patch_size), padded up as a
+    DiT pads its latent."""
+    h, w = (math.ceil(int(v) / patch) for v in latent_hw)
+    return h, w
+
+
 def token_width(model) -> int:
     """Channels of one image token's key (or value) in a DiT's joint attention: heads x head dim (Flux.1: 3072)."""
     return int(getattr(model.get_model_object("diffusion_model"), family(model).width))

@@ -62,7 +62,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -510,7 +509,7 @@ def _block_replace(block: DitBlock, previous, key: str):
 def _split(dit: _Dit, call: ModelCall, tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(image span in the sequence, token grid (h, w)): the latent patchified p x p (padded up) gives
     h * w image tokens, after the block's text ([text; image; other]) or alone (image-only attention)."""
-    h, w = (math.ceil(v / dit.patch) for v in call.latent_hw)
+    h, w = families.token_grid(call.latent_hw, dit.patch)
     n = h * w
     if tokens == n:
         return (0, n), (h, w)
@@ -612,7 +611,7 @@ def apply_dit_plan(model, plan: RowPlan, window: tuple[float, float] = (0.0, 1.0
     patched.model_options["transformer_options"]["optimized_attention_override"] = _override(dit, key)
 
     def resolve(call: ModelCall):  # every block: one Program (RowPlan.program's cache), its own recorded rows
-        grid = tuple(math.ceil(v / dit.patch) for v in call.latent_hw)
+        grid = families.token_grid(call.latent_hw, dit.patch)
         for block_key in placed:
             call.layer(block_key, "output", grid, 1, joint=True)
 

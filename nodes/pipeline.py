@@ -468,7 +468,7 @@ def dit_recording_bytes(model, inverted: Inverted, cfg: float, dit_window: tuple
     chunks), at the width and dtype of the joint attention. Flux.1 at 1024 x 1024 (4096 image tokens of 3072
     channels, 57 blocks) in bf16: 2.9 GB per step and source x the mask's fraction of the image."""
     sources = inverted.layout.sources
-    h, w = (math.ceil(v / families.patch_size(model)) for v in inverted.latents.shape[-2:])
+    h, w = families.token_grid(inverted.latents.shape[-2:], families.patch_size(model))
     masks = _row_masks(inverted.scene, "generation")[:sources]
     longest = max(RowPlan(sources, lambda layer: [None] * sources, regions=masks).record_index(h, w, 1, "cpu")[1])
     blocks = families.dit_blocks(model)
